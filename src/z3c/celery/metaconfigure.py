@@ -1,0 +1,133 @@
+"""Handlers of the ``<celery:config>`` and ``<celery:task>`` directives.
+
+They validate and record actions; nothing touches the component registry
+or the Celery app until the configuration machine executes the actions.
+"""
+import zope.component.zcml
+from zope.configuration.exceptions import ConfigurationError
+
+from z3c.celery import app as app_module
+from z3c.celery.interfaces import IAfterAbortHandler
+from z3c.celery.interfaces import IConflictPolicy
+from z3c.celery.interfaces import IPrincipalResolver
+from z3c.celery.interfaces import ITask
+
+
+def _celery_app():
+    from z3c.celery import CELERY
+    return CELERY
+
+
+def config(_context, file=None, module=None, **settings):
+    """``<celery:config>``: see `ICeleryConfigDirective`."""
+    values = {}
+    if module is not None:
+        values.update(app_module.settings_from_module(module))
+    if file is not None:
+        try:
+            values.update(app_module.settings_from_file(file))
+        except OSError as e:
+            raise ConfigurationError(
+                f'Cannot read the Celery configuration file {file}: {e}')
+        except Exception as e:
+            raise ConfigurationError(
+                f'The Celery configuration file {file} failed: '
+                f'{type(e).__name__}: {e}')
+    values.update({k: v for k, v in settings.items() if v is not None})
+    _context.action(
+        discriminator=('celery:config',),
+        callable=app_module.configure_app,
+        args=(_celery_app(), values),
+    )
+
+
+_COMPONENTS = (
+    ('conflict_policy', IConflictPolicy),
+    ('principal_resolver', IPrincipalResolver),
+    ('after_abort', IAfterAbortHandler),
+)
+
+_TASK_OPTIONS = ('bind', 'queue', 'max_retries', 'rate_limit',
+                 'ignore_result', 'time_limit', 'soft_time_limit',
+                 'serializer', 'acks_late')
+
+
+def task(_context, name, handler, **options):
+    """``<celery:task>``: see `ITaskDirective`."""
+    if not callable(handler):
+        raise ConfigurationError(
+            f'The handler of task {name!r} is not callable: {handler!r}')
+    max_retries = options.get('max_retries')
+    if max_retries is not None and (
+            not isinstance(max_retries, int) or max_retries < 0):
+        raise ConfigurationError(
+            f'max_retries of task {name!r} must be a whole number >= 0 or '
+            f'None, not {max_retries!r}')
+    # zope.configuration passes only the attributes that were written
+    # (and those with a default), so max_retries="None" arrives as None.
+    task_options = {key: options[key] for key in _TASK_OPTIONS
+                    if key in options}
+    # The discriminator is zope.component's, so a second task (or a
+    # plain <utility>) of the same name is a conflict naming both places.
+    _context.action(
+        discriminator=('utility', ITask, name),
+        callable=register_task,
+        args=(_celery_app(), name, handler, task_options),
+    )
+    for attribute, interface in _COMPONENTS:
+        factory = options.get(attribute)
+        if factory is None:
+            continue
+        if not callable(factory):
+            raise ConfigurationError(
+                f'{attribute} of task {name!r} is not callable: '
+                f'{factory!r}')
+        _context.action(
+            discriminator=('utility', interface, name),
+            callable=register_component,
+            args=(factory, interface, name, _context.info),
+        )
+
+
+def register_task(app, name, handler, options):
+    """Action: create the Celery task and register it as ``ITask``."""
+    existing = app.tasks.get(name)
+    if existing is not None and getattr(existing, '__wrapped__', None) \
+            not in (None, handler) and not getattr(
+                existing, '_z3c_zcml', False):
+        raise ConfigurationError(
+            f'Task {name!r} is already defined in Python by '
+            f'{existing.__wrapped__!r}; rename one of them')
+    if existing is not None:
+        app.tasks.unregister(name)
+    task = app.task(handler, name=name, lazy=False, _z3c_zcml=True,
+                    **options)
+    zope.component.zcml.handler('registerUtility', task, ITask, name)
+    _zcml_tasks.append((app, name))
+    return task
+
+
+def register_component(factory, interface, name, info):
+    """Action: make *factory*'s product the *interface* of task *name*."""
+    component = factory()
+    if not interface.providedBy(component):
+        raise ConfigurationError(
+            f'{factory!r} made {component!r}, which does not provide '
+            f'{interface.__name__}')
+    zope.component.zcml.handler(
+        'registerUtility', component, interface, name, info)
+
+
+_zcml_tasks = []
+
+
+def _forget_zcml_tasks():
+    while _zcml_tasks:
+        app, name = _zcml_tasks.pop()
+        if name in app.tasks:
+            app.tasks.unregister(name)
+
+
+import zope.testing.cleanup  # noqa: E402
+
+zope.testing.cleanup.addCleanUp(_forget_zcml_tasks)

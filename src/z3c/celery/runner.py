@@ -1,0 +1,219 @@
+"""Worker side: run one task in the Zope environment.
+
+For each run the runner looks the components up (a utility named after
+the task wins over the unnamed default), resolves the principal, opens a
+ZODB connection with a transaction manager of its own, sets the root site,
+begins a transaction, runs the task and commits.  Conflicts go to the
+`IConflictPolicy`, other errors to the `IAfterAbortHandler`.  The
+interaction ends and the connection closes whatever happens.
+"""
+import contextlib
+import logging
+
+import transaction
+import zope.component
+import zope.event
+import zope.interface
+import zope.security.interfaces
+import zope.security.management
+
+from z3c.celery import environment
+from z3c.celery import events
+from z3c.celery.control import Abort
+from z3c.celery.interfaces import ConflictRetriesExceeded
+from z3c.celery.interfaces import IAfterAbortHandler
+from z3c.celery.interfaces import IConflictPolicy
+from z3c.celery.interfaces import IPrincipalResolver
+
+
+log = logging.getLogger(__name__)
+
+
+def lookup(interface, task_name):
+    """The component for *task_name*: named after the task, else default."""
+    component = zope.component.queryUtility(interface, name=task_name)
+    if component is None:
+        component = zope.component.queryUtility(interface)
+    if component is None:
+        component = _FALLBACKS[interface]()
+    return component
+
+
+@zope.interface.implementer(zope.security.interfaces.IParticipation)
+class Participation:
+    """The participation of the principal a task runs as."""
+
+    interaction = None
+
+    def __init__(self, principal):
+        self.principal = principal
+
+
+def run(task, args, kwargs):
+    """Entry point from ``TransactionAwareTask.__call__``."""
+    principal_id = kwargs.pop('_principal_id_', None)
+    kwargs.pop('_task_id_', None)
+    if task.request.called_directly:
+        return task.run(*args, **kwargs)
+    return Runner(task, args, kwargs, principal_id).run()
+
+
+class Runner:
+    """One execution of one task message."""
+
+    def __init__(self, task, args, kwargs, principal_id):
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.principal_id = principal_id
+        self.name = task.name
+        self.request = task.request
+
+    def run(self):
+        resolver = lookup(IPrincipalResolver, self.name)
+        principal = resolver.resolve(self.task, self.principal_id)
+        manager = transaction.TransactionManager()
+        db = environment.get_database(self.task.app.z3c_setting(
+            'zodb_database'))
+        connection = None
+        saved_interaction = zope.security.management.queryInteraction()
+        try:
+            if db is not None:
+                connection = db.open(transaction_manager=manager)
+            with environment.thread_transaction_manager(manager), \
+                    environment.site_of(connection):
+                zope.security.management.endInteraction()
+                if principal is None:
+                    zope.security.management.newInteraction()
+                else:
+                    zope.security.management.newInteraction(
+                        Participation(principal))
+                try:
+                    return self._attempts(manager, connection)
+                finally:
+                    zope.security.management.endInteraction()
+        finally:
+            if connection is not None:
+                _close(connection, manager)
+            if saved_interaction is not None:
+                # In-process modes run inside the caller's interaction.
+                zope.security.management.thread_local.interaction = \
+                    saved_interaction
+
+    def _attempts(self, manager, connection):
+        policy = lookup(IConflictPolicy, self.name)
+        retries = self.request.retries or 0
+        while True:
+            try:
+                return self._attempt(manager, connection)
+            except Exception as error:
+                _abort(manager)
+                if not policy.is_conflict(error):
+                    self._after_abort(manager, policy, error)
+                    if isinstance(error, Abort):
+                        return error.message
+                    self._notify(events.TaskFailed, error=error)
+                    raise
+                countdown = policy.countdown(self.task, error, retries)
+                if countdown is None:
+                    self._notify(events.TaskFailed, error=error)
+                    raise ConflictRetriesExceeded(
+                        self.name, retries, error) from error
+                self._notify(events.TaskRetried, error=error,
+                             countdown=countdown, retries=retries)
+                log.info('Task %s[%s] hit a conflict (%s); retry %d in '
+                         '%.2fs', self.name, self.request.id, error,
+                         retries + 1, countdown)
+                if self.request.is_eager:
+                    # In-process: run again at once, like a worker would
+                    # after the countdown, without anybody sleeping.
+                    retries += 1
+                    continue
+                raise self.task.retry(
+                    countdown=countdown, exc=error, _z3c_direct=True)
+
+    def _attempt(self, manager, connection):
+        txn = manager.begin()
+        txn.user = self.principal_id or ''
+        txn.setExtendedInfo('task_name', self.name)
+        if self.request.id:
+            txn.setExtendedInfo('task_id', self.request.id)
+        self._notify(events.TaskStarted)
+        result = self.task.run(*self.args, **self.kwargs)
+        manager.commit()
+        self._notify(events.TaskSucceeded, result=result)
+        return result
+
+    def _after_abort(self, manager, policy, error):
+        handler = lookup(IAfterAbortHandler, self.name)
+        try:
+            handler(self.task, error, manager=manager, policy=policy)
+        except Exception:
+            log.exception('After-abort handler of task %s[%s] failed',
+                          self.name, self.request.id)
+
+    def _notify(self, event_class, **info):
+        zope.event.notify(event_class(
+            self.name, self.request.id, self.principal_id, **info))
+
+
+def run_in_transaction(manager, policy, task, func):
+    """Run *func* in a new transaction, retrying conflicts at once.
+
+    Used for after-abort callbacks: the policy decides whether to try
+    again, its countdown is not waited for (the worker never sleeps).
+    """
+    retries = 0
+    while True:
+        manager.begin()
+        try:
+            func()
+            manager.commit()
+            return
+        except Exception as error:
+            _abort(manager)
+            if not policy.is_conflict(error) or \
+                    policy.countdown(task, error, retries) is None:
+                raise
+            retries += 1
+
+
+def _abort(manager):
+    try:
+        manager.abort()
+    except Exception:
+        log.exception('Aborting the transaction failed')
+
+
+def _close(connection, manager):
+    try:
+        connection.close()
+    except Exception:
+        # Still joined to a transaction whose abort failed: drop it.
+        log.warning('Closing the ZODB connection failed; forcing it',
+                    exc_info=True)
+        with contextlib.suppress(Exception):
+            manager.free(manager.get())
+        with contextlib.suppress(Exception):
+            connection._registered_objects = []
+            connection.close()
+
+
+def _fallbacks():
+    from z3c.celery import components
+    return {
+        IPrincipalResolver: components.AuthenticationPrincipalResolver,
+        IConflictPolicy: components.BackoffConflictPolicy,
+        IAfterAbortHandler: components.AfterAbortHandler,
+    }
+
+
+class _LazyFallbacks(dict):
+
+    def __missing__(self, key):
+        self.update(_fallbacks())
+        return self[key]
+
+
+#: Used when the site did not load our configure.zcml (a 1.x setup).
+_FALLBACKS = _LazyFallbacks()
