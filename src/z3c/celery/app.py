@@ -76,6 +76,12 @@ class _ConfigState:
 _config_state = _ConfigState()
 
 
+def loaded_conf(app):
+    """*app*'s configuration, loaded (the first access only starts it)."""
+    app.conf.broker_url   # noqa: B018 - reading a setting loads them
+    return app.conf
+
+
 def configure_app(app, settings):
     """Apply *settings* (from ``<celery:config>``) to *app*.
 
@@ -83,7 +89,7 @@ def configure_app(app, settings):
     read and conflicts were resolved.
     """
     if _config_state.snapshot is None:
-        _config_state.snapshot = (app, dict(app.conf.changes))
+        _config_state.snapshot = (app, dict(loaded_conf(app).changes))
     app.conf.update(settings)
     reset_connections(app)
     log.debug('Celery configured from ZCML: %s', sorted(settings))

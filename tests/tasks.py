@@ -1,0 +1,80 @@
+"""Task functions the tests register through ZCML (and workers import)."""
+import zope.component.hooks
+import zope.security.management
+from BTrees.OOBTree import OOBTree
+from ZODB.POSException import ConflictError
+
+from z3c.celery.control import Abort
+from z3c.celery.control import HandleAfterAbort
+
+
+def data():
+    """The ``data`` mapping in the root of the task's ZODB connection."""
+    site = zope.component.hooks.getSite()
+    return site._p_jar.root()['data']
+
+
+def principal_id():
+    interaction = zope.security.management.getInteraction()
+    return interaction.participations[0].principal.id
+
+
+def record(key, value):
+    """Write ``(value, principal id)`` under *key*."""
+    data()[key] = (value, principal_id())
+    return value
+
+
+def read(key):
+    return data().get(key)
+
+
+def bound_record(self, key):
+    data()[key] = self.request.id
+    return self.request.id
+
+
+def increment(key):
+    d = data()
+    d[key] = d.get(key, 0) + 1
+
+
+_conflicts = {}
+
+
+def conflict_then_record(key, times):
+    """Raise ConflictError *times* times (per key), then record."""
+    seen = _conflicts.get(key, 0)
+    if seen < times:
+        _conflicts[key] = seen + 1
+        data()[key + '-dirty'] = seen   # must be rolled back
+        raise ConflictError(f'simulated conflict {seen + 1}')
+    data()[key] = ('done', seen)
+
+
+def fail(key):
+    data()[key] = 'dirty'
+    raise ValueError(f'task failed for {key}')
+
+
+def _after(key, value):
+    data()[key] = value
+
+
+def fail_with_handler(key):
+    data()[key] = 'dirty'
+    raise HandleAfterAbort(_after, key, 'handled', message=f'failed: {key}')
+
+
+def abort_with_handler(key):
+    data()[key] = 'dirty'
+    raise Abort(_after, key, 'aborted', message=f'aborted: {key}')
+
+
+def noop():
+    return None
+
+
+def make_tree():
+    return OOBTree()
+SITE = "not callable"

@@ -1,0 +1,232 @@
+"""The ZCML layer: <celery:config> and <celery:task>."""
+import pytest
+import zope.component
+from zope.configuration.config import ConfigurationConflictError
+from zope.configuration.exceptions import ConfigurationError
+from zope.configuration.xmlconfig import ZopeXMLConfigurationError
+
+import z3c.celery
+from z3c.celery import metaconfigure
+from z3c.celery.interfaces import IConflictPolicy
+from z3c.celery.interfaces import ITask
+
+
+class RecordingContext:
+    """An action-recording configuration context for handler unit tests."""
+
+    info = 'test.zcml line 1'
+
+    def __init__(self):
+        self.actions = []
+
+    def action(self, discriminator, callable=None, args=(), kw=None,
+               **rest):
+        self.actions.append(dict(discriminator=discriminator,
+                                 callable=callable, args=args))
+
+
+class Policy:
+    """A conflict policy factory for the tests."""
+
+    def is_conflict(self, error):
+        return False
+
+    def countdown(self, task, error, retries):
+        return None
+
+
+# Handler unit tests: they only record actions.
+
+def test_config_handler_records_one_action_and_changes_nothing():
+    context = RecordingContext()
+    from z3c.celery.app import loaded_conf
+    before = dict(loaded_conf(z3c.celery.CELERY).changes)
+    metaconfigure.config(context, broker_url='memory://', task_default_queue='q')
+    assert dict(z3c.celery.CELERY.conf.changes) == before
+    [action] = context.actions
+    assert action['discriminator'] == ('celery:config',)
+    assert action['args'][1] == {'broker_url': 'memory://',
+                                 'task_default_queue': 'q'}
+
+
+def test_task_handler_records_actions_and_registers_nothing(zca):
+    context = RecordingContext()
+    metaconfigure.task(context, name='t.x', handler=len,
+                       conflict_policy=Policy)
+    assert [a['discriminator'] for a in context.actions] == [
+        ('utility', ITask, 't.x'), ('utility', IConflictPolicy, 't.x')]
+    assert zope.component.queryUtility(ITask, 't.x') is None
+    assert 't.x' not in z3c.celery.CELERY.tasks
+
+
+def test_task_handler_rejects_non_callable_handler():
+    with pytest.raises(ConfigurationError, match='not callable'):
+        metaconfigure.task(RecordingContext(), name='t', handler=42)
+
+
+# Functional tests through xmlconfig.
+
+def test_site_zcml_registers_task_as_utility_and_with_celery(load_zcml):
+    load_zcml('''
+      <celery:config broker_url="memory://" worker_prefetch_multiplier="2"
+                     task_acks_on_failure_or_timeout="false"
+                     broker_transport_options="{'visibility_timeout': 60}"
+                     accept_content="json pickle" />
+      <celery:task name="tests.record" handler="tests.tasks.record"
+                   queue="zope" max_retries="3" rate_limit="10/m" />
+      <celery:task name="tests.bound" handler="tests.tasks.bound_record"
+                   bind="true" max_retries="None" />
+    ''')
+    app = z3c.celery.CELERY
+    task = zope.component.getUtility(ITask, 'tests.record')
+    assert app.tasks['tests.record'] is task
+    assert (task.queue, task.max_retries, task.rate_limit) == (
+        'zope', 3, '10/m')
+    assert zope.component.getUtility(ITask, 'tests.bound').max_retries is None
+    assert app.conf.broker_url == 'memory://'
+    assert app.conf.worker_prefetch_multiplier == 2
+    assert app.conf.task_acks_on_failure_or_timeout is False
+    assert app.conf.broker_transport_options == {'visibility_timeout': 60}
+    assert app.conf.accept_content == ('json', 'pickle')
+
+
+def test_config_from_file_and_module_attributes_win(load_zcml, tmp_path):
+    (tmp_path / 'celeryconfig.py').write_text(
+        'broker_url = "memory://file"\nresult_expires = 77\n'
+        'task_default_queue = "from-file"\n')
+    (tmp_path / 'site.zcml').write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">'
+        '<celery:config file="celeryconfig.py" module="tests.celeryconf" '
+        'task_default_queue="attr" />'
+        '</configure>')
+    load_zcml(f'<include file="{tmp_path}/site.zcml" />')
+    conf = z3c.celery.CELERY.conf
+    assert conf.broker_url == 'memory://file'     # file beats module
+    assert conf.result_expires == 77
+    assert conf.task_default_queue == 'attr'      # attribute beats file
+    assert conf.task_default_priority == 4        # only in the module
+
+
+def test_configuration_is_reset_by_cleanup(load_zcml):
+    load_zcml('<celery:config task_default_queue="temporary" />')
+    assert z3c.celery.CELERY.conf.task_default_queue == 'temporary'
+    import zope.component.testing
+    zope.component.testing.tearDown()
+    assert z3c.celery.CELERY.conf.task_default_queue == 'celery'
+    zope.component.testing.setUp()
+
+
+def test_two_configs_conflict_naming_both_places(load_zcml, tmp_path):
+    zcml = tmp_path / 'two.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:config broker_url="memory://a" />\n'
+        '<celery:config broker_url="memory://b" />\n'
+        '</configure>\n')
+    with pytest.raises(ConfigurationConflictError) as info:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(info.value)
+    assert 'line 2' in text and 'line 3' in text and 'memory://a' in text
+
+
+def test_include_overrides_replaces_config(load_zcml, tmp_path):
+    (tmp_path / 'overrides.zcml').write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">'
+        '<celery:config broker_url="memory://override" /></configure>')
+    (tmp_path / 'app.zcml').write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">'
+        '<celery:config broker_url="memory://site" /></configure>')
+    load_zcml(f'''
+      <include file="{tmp_path}/app.zcml" />
+      <includeOverrides file="{tmp_path}/overrides.zcml" />
+    ''')
+    assert z3c.celery.CELERY.conf.broker_url == 'memory://override'
+
+
+@pytest.mark.parametrize('snippet, expected', [
+    ('<celery:task name="t" handler="tests.tasks.no_such_function" />',
+     'no_such_function'),
+    ('<celery:task name="t" handler="no.such.module.f" />', 'no.such'),
+    ('<celery:task name="t" handler="tests.tasks.record" colour="red" />',
+     'colour'),
+    ('<celery:task name="t" handler="tests.tasks.SITE" />', 'not callable'),
+    ('<celery:task name="t" handler="tests.tasks.record" max_retries="x" />',
+     'max_retries'),
+    ('<celery:task name="t" handler="tests.tasks.record" bind="maybe" />',
+     'bind'),
+    ('<celery:config worker_prefetch_multiplier="many" />',
+     'worker_prefetch_multiplier'),
+    ('<celery:config brokr_url="redis://" />', 'brokr_url'),
+    ('<celery:config dispatch="carrier-pigeon" />', 'dispatch'),
+    ('<celery:config broker_transport_options="{oops" />',
+     'broker_transport_options'),
+    ('<celery:config file="missing.py" />', 'missing.py'),
+    ('<celery:task name="t" handler="tests.tasks.record" '
+     'conflict_policy="tests.tasks.SITE" />', 'conflict_policy'),
+])
+def test_bad_zcml_fails_at_configuration_time_with_file_and_line(
+        load_zcml, tmp_path, snippet, expected):
+    zcml = tmp_path / 'bad.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        f'  {snippet}\n</configure>\n')
+    with pytest.raises((ZopeXMLConfigurationError, ConfigurationError)) as i:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(i.value)
+    assert f'{zcml}' in text and 'line 2' in text, text
+    assert expected in text, text
+
+
+def test_non_callable_handler_names_file_and_line(load_zcml, tmp_path):
+    zcml = tmp_path / 'bad.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n\n'
+        '<celery:task name="t" handler="tests.tasks.SITE" />\n'
+        '</configure>\n')
+    with pytest.raises(ConfigurationError) as info:
+        load_zcml(f'<include file="{zcml}" />')
+    assert 'line 3' in str(info.value)
+    assert 'not callable' in str(info.value)
+
+
+def test_duplicate_task_name_conflicts_naming_both_lines(load_zcml, tmp_path):
+    zcml = tmp_path / 'dup.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:task name="t" handler="tests.tasks.record" />\n'
+        '<celery:task name="t" handler="tests.tasks.read" />\n'
+        '</configure>\n')
+    with pytest.raises(ConfigurationConflictError) as info:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(info.value)
+    assert 'line 2' in text and 'line 3' in text and str(zcml) in text
+
+
+def test_task_name_taken_by_a_python_task_is_an_error(load_zcml):
+    @z3c.celery.CELERY.task(name='tests.python_defined')
+    def python_defined():
+        pass
+    try:
+        with pytest.raises(ConfigurationError, match='already defined'):
+            load_zcml('<celery:task name="tests.python_defined" '
+                      'handler="tests.tasks.record" />')
+    finally:
+        z3c.celery.CELERY.tasks.unregister('tests.python_defined')
+
+
+def test_zcml_tasks_are_forgotten_by_cleanup(load_zcml):
+    load_zcml('<celery:task name="tests.gone" handler="tests.tasks.noop" />')
+    assert 'tests.gone' in z3c.celery.CELERY.tasks
+    import zope.component.testing
+    zope.component.testing.tearDown()
+    assert 'tests.gone' not in z3c.celery.CELERY.tasks
+    zope.component.testing.setUp()
+
+
+def test_config_schema_knows_every_celery_setting():
+    from celery.app.defaults import NAMESPACES
+    from celery.app.defaults import flatten
+
+    from z3c.celery.metadirectives import ICeleryConfigDirective
+    names = set(ICeleryConfigDirective.names(all=True))
+    assert {name for name, _ in flatten(NAMESPACES)} <= names
