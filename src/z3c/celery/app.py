@@ -54,13 +54,9 @@ def reset_connections(app):
     Needed when its broker or backend setting changes after first use (a
     test that starts its own Redis, a reloaded ``<celery:config>``).
     """
-    pool = app._pool
+    # kombu's pools are global and keyed by connection parameters: drop
+    # our references only, closing them would break other users' pools.
     app._pool = None
-    if pool is not None:
-        try:
-            pool.force_close_all()
-        except Exception:  # pragma: no cover - closing is best effort
-            log.debug('Closing the broker pool failed', exc_info=True)
     amqp = app.__dict__.get('amqp')
     if amqp is not None:
         amqp._producer_pool = None

@@ -1,0 +1,206 @@
+"""Sending side, ``after-commit`` mode, against a real Redis broker."""
+import json
+import logging
+
+import pytest
+import transaction
+import zope.component
+import zope.event
+
+import z3c.celery
+from z3c.celery import dispatch
+from z3c.celery.interfaces import ITask
+
+
+def broker_messages(redis_server, queue='celery'):
+    """The task messages waiting in *queue*, oldest first."""
+    raw = redis_server.client().lrange(queue, 0, -1)
+    return [json.loads(m)['headers'] for m in reversed(raw)]
+
+
+@pytest.fixture
+def site(load_zcml, redis_db, login):
+    load_zcml(f'''
+      <celery:config broker_url="{redis_db}" dispatch="after-commit"
+                     broker_connection_retry_on_startup="false" />
+      <celery:task name="t.record" handler="tests.tasks.record" />
+      <celery:task name="t.other" handler="tests.tasks.record"
+                   queue="other" />
+    ''')
+    login('zope.alice')
+
+
+def task(name='t.record'):
+    return zope.component.getUtility(ITask, name)
+
+
+def test_nothing_leaves_before_commit_and_all_leave_after(
+        site, redis_server):
+    first = task().delay('a', 1)
+    second = task().apply_async(('b', 2), task_id='fixed-id')
+    assert second.id == 'fixed-id'
+    assert broker_messages(redis_server) == []
+    transaction.commit()
+    sent = broker_messages(redis_server)
+    assert [(m['id'], m['task']) for m in sent] == [
+        (first.id, 't.record'), ('fixed-id', 't.record')]
+
+
+def test_principal_travels_with_the_message(site, redis_server):
+    task().delay('a', 1)
+    task().delay('b', 2, _principal_id_='zope.bob')
+    transaction.commit()
+    raw = redis_server.client().lrange('celery', 0, -1)
+    bodies = [json.loads(__import__('base64').b64decode(
+        json.loads(m)['body'])) for m in reversed(raw)]
+    assert [b[1]['_principal_id_'] for b in bodies] == [
+        'zope.alice', 'zope.bob']
+
+
+def test_abort_sends_nothing(site, redis_server):
+    task().delay('a', 1)
+    transaction.abort()
+    transaction.commit()
+    assert broker_messages(redis_server) == []
+
+
+def test_queue_option_of_the_task_is_kept(site, redis_server):
+    task('t.other').delay('a', 1)
+    transaction.commit()
+    assert len(broker_messages(redis_server, 'other')) == 1
+    assert broker_messages(redis_server) == []
+
+
+def test_savepoint_rollback_drops_tasks_queued_after_it(site, redis_server):
+    kept = task().delay('kept', 1)
+    savepoint = transaction.savepoint()
+    task().delay('dropped', 2)
+    inner = transaction.savepoint(optimistic=True)
+    task().delay('dropped too', 3)
+    inner.rollback()
+    savepoint.rollback()
+    also_kept = task().delay('also kept', 4)
+    transaction.savepoint()          # taken after queueing: never raises
+    transaction.commit()
+    assert [m['id'] for m in broker_messages(redis_server)] == [
+        kept.id, also_kept.id]
+
+
+def test_vetoing_data_manager_after_ours_means_no_message(
+        site, redis_server):
+    class Veto:
+        transaction_manager = transaction.manager
+
+        def abort(self, txn):
+            pass
+        tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+        def tpc_vote(self, txn):
+            raise ValueError('vetoed')
+
+        def sortKey(self):
+            return '~~~ after everything'
+
+    task().delay('a', 1)
+    transaction.get().join(Veto())
+    with pytest.raises(ValueError, match='vetoed'):
+        transaction.commit()
+    transaction.abort()
+    assert broker_messages(redis_server) == []
+
+
+def test_extended_info_is_committed(site, db):
+    conn = db.open()
+    conn.root()['touched'] = 1
+    ids = [task().delay('a', n).id for n in range(2)]
+    transaction.commit()
+    conn.close()
+    record = db.storage.undoLog(0, 1)[0]
+    assert record[dispatch.TASK_IDS_KEY] == ids
+
+
+@pytest.mark.parametrize('args, kwargs, message', [
+    ((object(), 1), {}, 'argument 0'),
+    (('a',), {'value': {1, 2}}, "argument 'value'"),
+])
+def test_unserializable_arguments_fail_at_delay(site, args, kwargs,
+                                                message):
+    with pytest.raises(TypeError, match=message) as info:
+        task().apply_async(args, kwargs)
+    assert 't.record' in str(info.value) and 'json' in str(info.value)
+    assert dispatch.queued_messages() == []
+
+
+def test_wrong_arity_fails_at_delay(site):
+    with pytest.raises(TypeError, match='t.record'):
+        task().delay('only one argument')
+
+
+def test_callers_kwargs_are_not_modified(site):
+    kwargs = {'key': 'a', 'value': 1, '_principal_id_': 'zope.bob'}
+    task().apply_async((), kwargs)
+    assert kwargs == {'key': 'a', 'value': 1, '_principal_id_': 'zope.bob'}
+    [message] = dispatch.queued_messages()
+    assert message.principal_id == 'zope.bob'
+    assert message.kwargs == {'key': 'a', 'value': 1}
+
+
+def test_old_task_id_keyword_is_accepted_and_ignored(site):
+    result = task().delay('a', 1, _task_id_='old')
+    [message] = dispatch.queued_messages()
+    assert message.task_id == result.id != 'old'
+    assert '_task_id_' not in message.kwargs
+
+
+def test_broker_down_at_commit_is_logged_with_ids_and_counted(
+        load_zcml, login, caplog):
+    from z3c.celery.servers import free_port
+    load_zcml(f'''
+      <celery:config broker_url="redis://127.0.0.1:{free_port()}/0"
+                     dispatch="after-commit"
+                     broker_connection_max_retries="1"
+                     broker_connection_timeout="1"
+                     task_publish_retry="false" />
+      <celery:task name="t.record" handler="tests.tasks.record" />
+    ''')
+    login('zope.alice')
+    before = dispatch.counters.publish_failures
+    ids = [task().delay('a', n).id for n in range(3)]
+    with caplog.at_level(logging.ERROR):
+        transaction.commit()             # the commit itself succeeds
+    assert dispatch.counters.publish_failures == before + 3
+    for task_id in ids:
+        assert task_id in caplog.text
+    assert 'LOST' in caplog.text
+
+
+def test_events_queued_and_sent(site):
+    seen = []
+    zope.event.subscribers.append(seen.append)
+    try:
+        result = task().delay('a', 1)
+        assert [type(e).__name__ for e in seen] == ['TaskQueued']
+        transaction.commit()
+    finally:
+        zope.event.subscribers.remove(seen.append)
+    assert [(type(e).__name__, e.task_id) for e in seen] == [
+        ('TaskQueued', result.id), ('TaskSent', result.id)]
+
+
+def test_one_producer_for_all_messages_of_a_commit(site, monkeypatch):
+    app = z3c.celery.CELERY
+    acquired = []
+    original = app.producer_or_acquire
+
+    def counting(producer=None):
+        acquired.append(producer)
+        return original(producer)
+    monkeypatch.setattr(app, 'producer_or_acquire', counting)
+    for n in range(20):
+        task().delay('a', n)
+    transaction.commit()
+    # send_task is handed the one producer each time; only one is taken
+    # from the pool.
+    assert len(acquired) == 21
+    assert acquired.count(None) == 1
+    assert len({id(p) for p in acquired if p is not None}) == 1
