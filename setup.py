@@ -76,5 +76,9 @@ setup(
     },
     entry_points={
         'pytest11': [],
+        # celery -A z3c.celery.CELERY outbox show|flush|retry|purge
+        'celery.commands': [
+            'outbox = z3c.celery.relay:outbox',
+        ],
     },
 )

@@ -13,7 +13,17 @@ log = logging.getLogger(__name__)
 #: own, with their defaults.  ``<celery:config>`` accepts each of them.
 Z3C_DEFAULTS = {
     # How queued tasks leave at commit: 'outbox', 'after-commit' or 'inline'.
-    'dispatch': 'after-commit',
+    # 'outbox' (durable) by default; a process without any ZODB database
+    # falls back to 'after-commit' with a warning (see docs/dispatch.rst).
+    'dispatch': 'outbox',
+    # Outbox relay: records younger than the grace period are left to the
+    # process that committed them; the worker's relay runs every interval
+    # seconds (0: no relay in the worker); a record whose publishing
+    # failed this many times (the broker being away does not count) goes
+    # to the dead letters.
+    'outbox_grace_period': 10.0,
+    'outbox_relay_interval': 5.0,
+    'outbox_max_attempts': 10,
     # Conflict retry backoff (seconds): base * 2**retries, capped, jittered.
     'conflict_backoff_base': 0.05,
     'conflict_backoff_cap': 10.0,

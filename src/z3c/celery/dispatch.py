@@ -9,6 +9,7 @@ transaction as the data); an after-commit hook, which runs only once every
 data manager voted yes and the storage finished the commit, hands them over
 again to be published.
 """
+import contextlib
 import logging
 import threading
 
@@ -197,6 +198,11 @@ class _Counters:
         self._lock = threading.Lock()
         self.sent = 0
         self.publish_failures = 0
+        # Outbox: tasks left pending at commit for the relay, tasks the
+        # relay published, records it moved to the dead letters.
+        self.deferred = 0
+        self.relayed = 0
+        self.dead_letters = 0
 
     def add(self, name, n):
         with self._lock:
@@ -206,29 +212,77 @@ class _Counters:
 counters = _Counters()
 
 
-def publish(app, messages, producer=None):
+class Unsent(list):
+    """The messages `publish` could not send.
+
+    ``error`` is the exception that stopped publishing; ``culprit`` the
+    message being handed to the producer when it was raised (``None`` when
+    the flush of a batch, i.e. the broker round trip, failed).
+    """
+
+    error = None
+    culprit = None
+
+
+#: Messages per broker round trip where the transport batches (kombu's
+#: ``Producer.batch``: one Redis pipeline instead of one LPUSH each).
+PUBLISH_CHUNK = 500
+
+
+def _batch(producer):
+    batch = getattr(producer, 'batch', None)   # kombu >= 5.7
+    return batch(max_size=PUBLISH_CHUNK * 4) if batch is not None \
+        else contextlib.nullcontext()
+
+
+def publish(app, messages, producer=None, **send_options):
     """Publish *messages* through one producer; return those not sent.
 
-    Stops at the first failure: the broker is then most probably away and
-    trying each remaining message would only multiply the wait.
+    The result is an `Unsent` list (empty when all left) whose ``error``
+    is the exception that stopped publishing.  *send_options* override
+    the messages' own options (e.g. a retry policy).
+
+    Messages go in chunks of `PUBLISH_CHUNK`, each flushed in one round
+    trip where the transport can (Redis); a chunk counts as sent only once
+    its flush succeeded, so a chunk that failed half-way is reported
+    unsent although part of it may have arrived (the outbox then resends
+    it under the same task ids, which the worker's done-markers make
+    harmless).  Stops at the first failure: the broker is then most
+    probably away and trying the remaining messages would only multiply
+    the wait.
     """
+    unsent = Unsent(messages)
     if not messages:
-        return []
+        return unsent
     sent = 0
+    current = None
     try:
         with app.producer_or_acquire(producer) as producer:
-            for message in messages:
-                app.send_task(
-                    message.name, message.args, message.message_kwargs,
-                    task_id=message.task_id, producer=producer,
-                    **message.options)
-                sent += 1
-                zope.event.notify(events.TaskSent(message))
-    except Exception:
+            for start in range(0, len(messages), PUBLISH_CHUNK):
+                chunk = messages[start:start + PUBLISH_CHUNK]
+                with _batch(producer):
+                    for message in chunk:
+                        current = message
+                        options = message.options
+                        if send_options:
+                            options = dict(options, **send_options)
+                        app.send_task(
+                            message.name, message.args,
+                            message.message_kwargs,
+                            task_id=message.task_id, producer=producer,
+                            **options)
+                    current = None
+                sent += len(chunk)
+                for message in chunk:
+                    zope.event.notify(events.TaskSent(message))
+    except Exception as error:
+        unsent.error = error
+        unsent.culprit = current
         log.debug('Publishing failed after %d of %d message(s)',
                   sent, len(messages), exc_info=True)
     counters.add('sent', sent)
-    return messages[sent:]
+    del unsent[:sent]
+    return unsent
 
 
 @zope.interface.implementer(IDispatcher)
@@ -253,7 +307,7 @@ class AfterCommitDispatcher:
                 '(dispatch mode "after-commit" keeps no copy; use "outbox" '
                 'to have them relayed): %s', len(unsent),
                 ', '.join(f'{m.name}[{m.task_id}]' for m in unsent),
-                exc_info=True)
+                exc_info=unsent.error)
 
 
 def _roundtrip(app, message):
@@ -316,7 +370,20 @@ def _apply_options(options):
     return {k: v for k, v in options.items() if k in _APPLY_OPTIONS}
 
 
+_outbox = []
+
+
+def _outbox_dispatcher():
+    # Lazy (outbox imports this module) and one per process, as the
+    # registered utility would be: it remembers a recent broker failure.
+    if not _outbox:
+        from z3c.celery.outbox import OutboxDispatcher
+        _outbox.append(OutboxDispatcher())
+    return _outbox[0]
+
+
 BUILTIN_DISPATCHERS = {
+    'outbox': _outbox_dispatcher,
     'after-commit': AfterCommitDispatcher,
     'inline': InlineDispatcher,
     'eager': EagerDispatcher,

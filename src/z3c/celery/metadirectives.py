@@ -93,13 +93,36 @@ class ICeleryConfigBase(zope.interface.Interface):
 
     dispatch = zope.schema.Choice(
         title='Dispatch mode',
-        description='How tasks leave at commit: ``outbox`` (stored in the '
-                    'ZODB with the data and relayed if the broker is away), '
-                    '``after-commit`` (published after commit, nothing '
-                    'stored) or ``inline`` (run in this process after '
-                    'commit; for tests).',
+        description='How tasks leave at commit: ``outbox`` (the default: '
+                    'stored in the ZODB with the data and relayed if the '
+                    'broker is away), ``after-commit`` (published after '
+                    'commit, nothing stored) or ``inline`` (run in this '
+                    'process after commit; for tests).',
         values=('outbox', 'after-commit', 'inline'),
         required=False)
+
+    outbox_grace_period = zope.schema.Float(
+        title='Outbox grace period',
+        description='Seconds; the relay leaves outbox records younger than '
+                    'this to the process that committed them (which '
+                    'publishes them right after its commit).  Default: 10.',
+        required=False, min=0.0)
+
+    outbox_relay_interval = zope.schema.Float(
+        title='Outbox relay interval',
+        description='Seconds between two runs of the relay in the worker; '
+                    '0 runs no relay there.  Also how long a process waits '
+                    'before trying the broker again after a failed publish.'
+                    '  Default: 5.',
+        required=False, min=0.0)
+
+    outbox_max_attempts = zope.schema.Int(
+        title='Outbox maximum attempts',
+        description='A record whose publishing failed this many times is '
+                    'moved to the dead letters (``celery outbox retry`` '
+                    'puts it back).  A broker that cannot be reached does '
+                    'not count as an attempt.  Default: 10.',
+        required=False, min=1)
 
     conflict_backoff_base = zope.schema.Float(
         title='Conflict retry backoff base',
