@@ -1,0 +1,12 @@
+"""Celery settings of the example site that depend on the machine.
+
+``site.zcml`` reads this module (``<celery:config module="...">``); the
+settings written as attributes there win over these.
+"""
+import os
+
+
+#: The broker: ``EXAMPLE_BROKER_URL`` if set (an external Redis or
+#: RabbitMQ, e.g. ``amqp://guest:guest@127.0.0.1:5672//``), else a local
+#: Redis.
+broker_url = os.environ.get('EXAMPLE_BROKER_URL', 'redis://127.0.0.1:6379/0')
