@@ -12,4 +12,10 @@ CELERY = ZopeCelery('z3c.celery')
 #: 1.x name: the task decorator of ``CELERY``.
 task = CELERY.task
 
+# ``celery worker --zope-conf/--logging-ini`` and the bootstep that runs
+# tasks in the Zope environment (z3c.celery.worker).
+from z3c.celery import worker as _worker  # noqa: E402
+
+_worker.install(CELERY)
+
 __all__ = ['CELERY', 'task', 'ZopeCelery']

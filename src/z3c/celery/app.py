@@ -29,6 +29,13 @@ Z3C_DEFAULTS = {
     'conflict_backoff_cap': 10.0,
     # Name of the IDatabase utility that holds outbox and done-markers.
     'zodb_database': '',
+    # Done-markers (effectively once, see z3c.celery.markers): on/off, and
+    # how long (seconds) a marker is kept at least; it goes within twice.
+    'done_markers': True,
+    'done_marker_retention': 7 * 24 * 3600,
+    # Message signing (z3c.celery.signing): a secret shared by senders and
+    # workers; with it, workers refuse messages not signed with it.
+    'signing_secret': None,
     # 1.x settings, still honoured.
     'ZOPE_CONF': None,
     'LOGGING_INI': None,
@@ -56,6 +63,22 @@ class ZopeCelery(celery.Celery):
     def z3c_setting(self, name):
         """Return one of our settings (see `Z3C_DEFAULTS`)."""
         return self.conf.get(name, Z3C_DEFAULTS[name])
+
+    def send_task(self, name, args=None, kwargs=None, **options):
+        """Celery's ``send_task``; signs the message with ``signing_secret``.
+
+        Every message leaves through here (dispatch, outbox relay, Celery
+        retries), so all of them are signed when a secret is set.
+        """
+        secret = self.z3c_setting('signing_secret')
+        if secret:
+            from celery.utils import uuid
+
+            from z3c.celery.signing import sign_options
+            options['task_id'] = options.get('task_id') or uuid()
+            sign_options(secret, name, options['task_id'], args, kwargs,
+                         options)
+        return super().send_task(name, args, kwargs, **options)
 
 
 def reset_connections(app):

@@ -154,6 +154,38 @@ class ICeleryConfigBase(zope.interface.Interface):
                     'in the worker.',
         required=False)
 
+    worker_boot_timeout = zope.schema.Float(
+        title='Worker boot timeout (1.x setting)',
+        description='Seconds a prefork pool process may take to start '
+                    '(opening its databases included); sets Celery\'s '
+                    '``worker_proc_alive_timeout``.',
+        required=False, min=0.0)
+
+    done_markers = zope.configuration.fields.Bool(
+        title='Done-markers',
+        description='Commit a marker for the task id with the writes of '
+                    'each task that writes to the ZODB, and skip a '
+                    'redelivered task already marked (effectively once).  '
+                    'Default: true.',
+        required=False)
+
+    done_marker_retention = zope.schema.Int(
+        title='Done-marker retention',
+        description='Seconds a done-marker is kept at least (it is dropped '
+                    'within twice that).  Longer than any redelivery delay '
+                    '(the broker\'s visibility timeout, outbox relaying).  '
+                    'Default: 604800 (7 days).',
+        required=False, min=1)
+
+    signing_secret = zope.schema.TextLine(
+        title='Message signing secret',
+        description='Sign every task message with this secret (HMAC-SHA256 '
+                    'over task name, id, arguments and principal id); a '
+                    'worker with it refuses messages not signed with it.  '
+                    'Set the same secret on the sending and the worker '
+                    'side.  Default: none (messages are not signed).',
+        required=False, min_length=16)
+
 
 #: Names that are ours, not Celery's (``file`` and ``module`` excluded).
 Z3C_FIELDS = tuple(

@@ -19,6 +19,8 @@ import zope.security.management
 
 from z3c.celery import environment
 from z3c.celery import events
+from z3c.celery import markers
+from z3c.celery import signing
 from z3c.celery.control import Abort
 from z3c.celery.interfaces import ConflictRetriesExceeded
 from z3c.celery.interfaces import IAfterAbortHandler
@@ -51,6 +53,9 @@ class Participation:
 
 def run(task, args, kwargs):
     """Entry point from ``TransactionAwareTask.__call__``."""
+    if not task.request.called_directly:
+        # First of all: a message refused for its signature runs nothing.
+        signing.check_request(task, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
     kwargs.pop('_task_id_', None)
     if task.request.called_directly:
@@ -106,6 +111,9 @@ class Runner:
         while True:
             try:
                 return self._attempt(manager, connection)
+            except markers.AlreadyDone as done:
+                _abort(manager)
+                return markers.skip(self.task, done)
             except Exception as error:
                 _abort(manager)
                 if not policy.is_conflict(error):
@@ -138,11 +146,24 @@ class Runner:
         txn.setExtendedInfo('task_name', self.name)
         if self.request.id:
             txn.setExtendedInfo('task_id', self.request.id)
+        self._done_marker(txn, connection)
         self._notify(events.TaskStarted)
         result = self.task.run(*self.args, **self.kwargs)
         manager.commit()
         self._notify(events.TaskSucceeded, result=result)
         return result
+
+    def _done_marker(self, txn, connection):
+        """Skip a task already done, else mark it done at commit."""
+        app = self.task.app
+        if connection is None or not self.request.id or \
+                not app.z3c_setting('done_markers'):
+            return
+        retention = app.z3c_setting('done_marker_retention')
+        when = markers.done_at(connection, self.request.id, retention)
+        if when is not None:
+            raise markers.AlreadyDone(self.name, self.request.id, when)
+        markers.mark_at_commit(txn, connection, self.request.id, retention)
 
     def _after_abort(self, manager, policy, error):
         handler = lookup(IAfterAbortHandler, self.name)

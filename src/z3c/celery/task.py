@@ -54,9 +54,17 @@ class TransactionAwareTask(celery.Task):
                     **options):
         if options.pop('_z3c_direct', False):
             # A retry (or a relay): send now, outside any transaction.
-            return super().apply_async(
-                args, kwargs, task_id=task_id, producer=producer, link=link,
-                link_error=link_error, shadow=shadow, **options)
+            # Not through Celery's apply_async: its typing check refuses
+            # the ``_principal_id_`` a retry carries (the arguments were
+            # checked when the task was queued).
+            options = dict(self._get_exec_options(), **options)
+            options.setdefault('ignore_result', self.ignore_result)
+            return self.app.send_task(
+                self.name, args, kwargs, task_id=task_id, producer=producer,
+                link=link, link_error=link_error,
+                result_cls=self.AsyncResult,
+                shadow=shadow or self.shadow_name(args, kwargs, options),
+                task_type=self, **options)
         args = tuple(args or ())
         kwargs = dict(kwargs or {})   # the caller's dict stays untouched
         principal_id = kwargs.pop('_principal_id_', _MISSING)

@@ -1,0 +1,194 @@
+"""Load a zope.conf the way zope.app.appsetup does, for a worker.
+
+`load_zope_conf` parses the file with zope.app.appsetup's ZConfig schema,
+puts its ``path`` entries on ``sys.path``, applies its product
+configurations and executes the site ZCML once per process.
+`open_databases` opens its ``<zodb>`` databases as one multi-database
+(each registered as an ``IDatabase`` utility, the first also set as the
+tasks' database) and makes sure the root folder exists; `close_databases`
+closes them.
+
+Opening is apart from loading because a prefork worker loads in the
+parent, before forking, but opens the databases in each child: a storage
+connection must not be shared across ``fork()``.
+"""
+import contextlib
+import logging
+import os
+import sys
+
+import transaction
+import ZConfig
+import ZODB.interfaces
+import zope.app.appsetup.appsetup
+import zope.app.appsetup.product
+import zope.component
+import zope.event
+import zope.processlifetime
+import zope.testing.cleanup
+from ZODB.POSException import ConflictError
+
+from z3c.celery import environment
+
+
+log = logging.getLogger(__name__)
+
+SCHEMA_PATH = os.path.join(
+    os.path.dirname(zope.app.appsetup.appsetup.__file__),
+    'schema', 'schema.xml')
+
+
+class ZopeConfError(Exception):
+    """A zope.conf that cannot be used; the message names file and cause."""
+
+
+class _State:
+    path = None       # the zope.conf loaded in this process
+    options = None    # its parsed ZConfig options
+    databases = None  # name -> DB, once opened in this process
+    main = None       # the first of them
+
+
+_state = _State()
+_schema = []
+
+
+def _load_schema():
+    if not _schema:
+        _schema.append(ZConfig.loadSchema(SCHEMA_PATH))
+    return _schema[0]
+
+
+def load_zope_conf(path, features=()):
+    """Load the zope.conf at *path* and execute its site ZCML.
+
+    Returns the parsed options.  ``path`` entries and ``site-definition``
+    are relative to the directory of the zope.conf.  The site ZCML is
+    executed once per process (a second call with the same file returns
+    the options loaded before); ``devmode on`` provides the ``devmode``
+    feature, as in zope.app.wsgi.  The ``<eventlog>`` and ``<logger>``
+    sections are *not* applied: in a worker Celery (or ``--logging-ini``)
+    configures logging.
+    """
+    path = os.path.abspath(path)
+    if _state.options is not None:
+        if _state.path != path:
+            raise ZopeConfError(
+                f'This process already loaded {_state.path}; it cannot load '
+                f'a second zope.conf ({path})')
+        return _state.options
+    if not os.path.isfile(path):
+        raise ZopeConfError(f'zope.conf not found: {path}')
+    try:
+        options, _ = ZConfig.loadConfig(_load_schema(), path)
+    except ZConfig.ConfigurationError as e:
+        raise ZopeConfError(f'Invalid zope.conf {path}: {e}') from None
+    here = os.path.dirname(path)
+    if options.path:
+        sys.path[:0] = [os.path.join(here, p) for p in options.path
+                        if os.path.join(here, p) not in sys.path]
+    zope.app.appsetup.product.setProductConfigurations(
+        options.product_config)
+    if options.devmode:
+        features = tuple(features) + ('devmode',)
+    site_zcml = os.path.join(here, options.site_definition)
+    if not os.path.isfile(site_zcml):
+        raise ZopeConfError(
+            f'The site-definition of {path} does not exist: {site_zcml}')
+    zope.app.appsetup.appsetup.config(site_zcml, features=features)
+    _state.path = path
+    _state.options = options
+    log.info('Loaded %s (site ZCML %s)', path, site_zcml)
+    return options
+
+
+def loaded_options():
+    """The options of the zope.conf this process loaded, or ``None``."""
+    return _state.options
+
+
+def loaded_path():
+    """The path of the zope.conf this process loaded, or ``None``."""
+    return _state.path
+
+
+def open_databases(options=None):
+    """Open the databases of *options* (default: the loaded zope.conf).
+
+    They form one multi-database; each is registered as an ``IDatabase``
+    utility under its name (an unnamed one as ''), the first is set as the
+    tasks' database and gets a root folder if it has none.  Subscribers
+    of ``zope.processlifetime.IDatabaseOpened`` are notified, as when
+    zope.app.wsgi opens them.  Returns the main database.
+    """
+    if options is None:
+        options = _state.options
+        if options is None:
+            raise ZopeConfError('No zope.conf loaded in this process')
+    if _state.databases is not None:
+        return _state.main
+    dbs, databases = zope.app.appsetup.appsetup.multi_database(
+        options.databases)
+    main = dbs[0]
+    _state.databases = databases
+    _state.main = main
+    environment.set_database(main)
+    zope.event.notify(zope.processlifetime.DatabaseOpened(main))
+    ensure_root_folder(main)
+    return main
+
+
+def close_databases():
+    """Close the databases `open_databases` opened (if any)."""
+    databases, _state.databases, _state.main = _state.databases, None, None
+    if not databases:
+        return
+    environment.set_database(None)
+    gsm = zope.component.getGlobalSiteManager()
+    for name, db in databases.items():
+        gsm.unregisterUtility(db, ZODB.interfaces.IDatabase, name)
+        with contextlib.suppress(Exception):
+            db.close()
+
+
+def ensure_root_folder(db, attempts=5):
+    """Create the root folder ``Application`` in *db* unless it exists.
+
+    Done as zope.app.appsetup's bootstrap subscriber does: a
+    ``zope.site`` root folder with a local site manager.  Several
+    processes may start at once: a conflict means another one created
+    it, so look again.
+    """
+    from zope.site.folder import rootFolder
+    from zope.site.site import LocalSiteManager
+    manager = transaction.TransactionManager()
+    for _ in range(attempts):
+        connection = db.open(transaction_manager=manager)
+        try:
+            manager.begin()
+            root = connection.root()
+            if environment.ROOT_NAME in root:
+                manager.abort()
+                return False
+            folder = rootFolder()
+            folder.setSiteManager(LocalSiteManager(folder))
+            root[environment.ROOT_NAME] = folder
+            manager.get().note('z3c.celery: create the root folder')
+            manager.commit()
+            log.info('Created the root folder %r', environment.ROOT_NAME)
+            return True
+        except ConflictError:
+            manager.abort()
+        finally:
+            connection.close()
+    raise ZopeConfError(
+        f'Could not create the root folder in {db} ({attempts} conflicts)')
+
+
+def _reset():
+    close_databases()
+    _state.path = None
+    _state.options = None
+
+
+zope.testing.cleanup.addCleanUp(_reset)

@@ -1,0 +1,74 @@
+"""Task functions of the worker tests' site (registered in tasks.zcml)."""
+import logging
+import os
+import time
+
+import transaction
+import zope.component.hooks
+from ZODB.POSException import ConflictError
+
+from tests.tasks import data
+from tests.tasks import principal_id
+
+
+log = logging.getLogger('tests.site')
+
+
+def whoami(key):
+    """Who the task runs as, in which site, and what it reads at *key*."""
+    site = zope.component.hooks.getSite()
+    return {'principal': principal_id(),
+            'site': type(site).__name__ if site is not None else None,
+            'value': data().get(key)}
+
+
+def record_and_pause(key, flag_dir, seconds):
+    """Add 1 at *key*; after the commit, flag it and pause *seconds*.
+
+    The pause falls between the commit and the acknowledgement of the
+    message, where a test kills the worker.  The flag file (named after
+    *key*) tells the test that the commit happened.
+    """
+    d = data()
+    d[key] = d.get(key, 0) + 1
+
+    def after_commit(status):
+        if status:
+            with open(os.path.join(flag_dir, key), 'w') as f:
+                f.write(str(os.getpid()))
+            time.sleep(seconds)
+    transaction.get().addAfterCommitHook(after_commit)
+    return d[key]
+
+
+def conflict_once(self, key):
+    """A write conflict on the first attempt, then record who ran it."""
+    data()[key + '-dirty'] = True    # rolled back with the conflict
+    if not self.request.retries:
+        raise ConflictError(f'simulated conflict for {key}')
+    data()[key] = (principal_id(), self.request.retries)
+    return self.request.retries
+
+
+def log_line(message):
+    log.warning('%s', message)
+    return message
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+
+
+def put(key, value):
+    data()[key] = value
+
+
+def touch(key):
+    """Read only: no ZODB write, so no done-marker."""
+    return data().get(key)
+
+
+def log_event(event):
+    """Subscriber: the z3c.celery events show in the worker log."""
+    log.warning('EVENT %s %s[%s] principal=%s', type(event).__name__,
+                event.task_name, event.task_id, event.principal_id)
