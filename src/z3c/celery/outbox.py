@@ -192,7 +192,7 @@ def _closer(connection):
 def write_records(txn, db, messages, key=None, now=None):
     """Store *messages* in the lane *key* of *db*'s outbox, within *txn*.
 
-    Returns the lane key.
+    Returns ``(lane key, connection written through)``.
     """
     key = key or lane_key()
     now = time.time() if now is None else now
@@ -210,7 +210,7 @@ def write_records(txn, db, messages, key=None, now=None):
     records = lane.records
     for seq, message in enumerate(messages):
         records[message.task_id] = make_record(message, now, seq)
-    return key
+    return key, connection
 
 
 def remove_records(db, key, task_ids, attempts=5):
@@ -278,7 +278,7 @@ def is_broker_error(app, error):
 
 
 class _State(threading.local):
-    target = None      # (db, lane key) of the records written at commit
+    target = None      # (db, lane key, connection) of the records written
     fallback = False   # no database: behave as "after-commit"
 
 
@@ -315,8 +315,8 @@ class OutboxDispatcher:
             self._no_database(app)
             state.fallback = True
             return
-        key = write_records(txn, db, messages)
-        state.target = (db, key)
+        key, connection = write_records(txn, db, messages)
+        state.target = (db, key, connection)
 
     def after_commit(self, app, messages):
         state = self._state
@@ -330,7 +330,7 @@ class OutboxDispatcher:
                       'publishing without a copy', len(messages))
             dispatch.AfterCommitDispatcher().after_commit(app, messages)
             return
-        db, key = target
+        db, key, connection = target
         if time.monotonic() < self._hold_until:
             dispatch.counters.add('deferred', len(messages))
             log.info('Broker unavailable a moment ago: %d task(s) wait in '
@@ -348,8 +348,9 @@ class OutboxDispatcher:
                 len(unsent), unsent.error, _ids(unsent))
         if len(unsent) < len(messages):
             unsent_ids = {m.task_id for m in unsent}
-            remove_records(db, key, [m.task_id for m in messages
-                                     if m.task_id not in unsent_ids])
+            if remove_records(db, key, [m.task_id for m in messages
+                                        if m.task_id not in unsent_ids]):
+                _refresh(connection)
 
     def _no_database(self, app):
         name = app.z3c_setting('zodb_database')
@@ -368,6 +369,22 @@ class OutboxDispatcher:
                 'mode "outbox" falls back to "after-commit" (tasks are '
                 'published after commit but not stored; a broker failure '
                 'loses them)')
+
+
+def _refresh(connection):
+    """Let *connection* see the deletion just committed by another one.
+
+    The committing connection synchronised at the end of its transaction
+    (``afterCompletion``), before the deletion; a caller who starts the
+    next transaction without ``begin()`` (as scripts do) would otherwise
+    write the lane from a stale view and get a ConflictError.  This is
+    what ``afterCompletion`` itself calls.
+    """
+    if connection.opened is not None:
+        try:
+            connection.newTransaction(None, False)
+        except Exception:   # pragma: no cover - only an optimisation
+            log.debug('Could not refresh %r', connection, exc_info=True)
 
 
 def _ids(messages):
