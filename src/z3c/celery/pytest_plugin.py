@@ -1,0 +1,253 @@
+"""pytest plugin of z3c.celery (loaded through the ``pytest11`` entry point).
+
+Fixtures, all named ``zope_celery_*`` (the 1.x names are in
+:mod:`z3c.celery.conftest`):
+
+========================== ======== ==========================================
+fixture                    scope    what it gives
+========================== ======== ==========================================
+zope_celery_site_zcml      session  text of the site ZCML (override it)
+zope_celery_site_zcml_file session  that text as a file (for workers)
+zope_celery_zcml           function the site ZCML loaded in a clean registry
+zope_celery_db             function a FileStorage database with a root folder,
+                                    the tasks' database
+zope_celery_zeo            session  a ZEO server (``servers.ZEOServer``)
+zope_celery_zeo_db         function a database on that server, the tasks'
+                                    database (shared with the worker)
+zope_celery_principal_id   function id of the principal tests act as
+zope_celery_interaction    function an interaction for that principal
+zope_celery_eager          function ``CELERY`` in eager mode (1.x)
+zope_celery_inline         function ``CELERY`` in inline mode (unit tests)
+zope_celery_redis          session  a real ``redis-server``
+zope_celery_worker_config  session  Celery settings for the worker
+zope_celery_includes       session  modules the worker imports
+zope_celery_worker         session  a real ``celery worker`` process
+zope_celery_end_to_end     function ``CELERY`` publishing to that worker
+zope_celery_recorder       function a ``testing.TaskRecorder``
+========================== ======== ==========================================
+
+Nothing is imported or started before a test asks for a fixture.
+"""
+import os
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope='session')
+def zope_celery_site_zcml():
+    """The site ZCML text the fixtures load (and the worker loads).
+
+    Override it (session scope) with your site, e.g. built with
+    ``z3c.celery.testing.site_zcml(body)``.
+    """
+    from z3c.celery import testing
+    return testing.site_zcml()
+
+
+@pytest.fixture(scope='session')
+def zope_celery_site_zcml_file(zope_celery_site_zcml, tmp_path_factory):
+    """The path of a file holding the site ZCML."""
+    path = tmp_path_factory.mktemp('z3c-celery-site') / 'site.zcml'
+    path.write_text(zope_celery_site_zcml)
+    return str(path)
+
+
+@pytest.fixture
+def zope_celery_zcml(zope_celery_site_zcml_file):
+    """Load the site ZCML into a clean component registry.
+
+    Yields the configuration context.  Afterwards everything registered,
+    the Celery configuration from ``<celery:config>`` and the interaction
+    are cleaned up (``zope.testing.cleanup``).
+    """
+    import transaction
+    import zope.component.testing
+    import zope.security.management
+    from zope.configuration import xmlconfig
+    zope.component.testing.setUp()
+    transaction.abort()
+    context = xmlconfig.file(zope_celery_site_zcml_file)
+    yield context
+    transaction.abort()
+    zope.security.management.endInteraction()
+    zope.component.testing.tearDown()
+
+
+@pytest.fixture
+def zope_celery_db(zope_celery_zcml, tmp_path):
+    """A FileStorage database with a root folder; tasks run against it."""
+    from z3c.celery import environment
+    from z3c.celery import testing
+    db = testing.filestorage_db(str(tmp_path / 'Data.fs'))
+    environment.set_database(db)
+    yield db
+    environment.set_database(None)
+    db.close()
+
+
+@pytest.fixture(scope='session')
+def zope_celery_zeo(tmp_path_factory):
+    """A ZEO server on a FileStorage, for the whole session."""
+    from z3c.celery.servers import ZEOServer
+    path = tmp_path_factory.mktemp('z3c-celery-zeo') / 'Data.fs'
+    server = ZEOServer(str(path)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zope_celery_zeo_db(zope_celery_zcml, zope_celery_zeo):
+    """A database on the session's ZEO server; tasks run against it.
+
+    The worker of `zope_celery_worker` uses the same server, so both see
+    each other's commits.  The data stays for the whole session.
+    """
+    from z3c.celery import environment
+    from z3c.celery import testing
+    db = testing.zeo_db(zope_celery_zeo.address)
+    environment.set_database(db)
+    yield db
+    environment.set_database(None)
+    db.close()
+
+
+@pytest.fixture
+def zope_celery_principal_id():
+    """The principal tests act as (one of the default site ZCML)."""
+    return 'zope.user'
+
+
+@pytest.fixture
+def zope_celery_interaction(zope_celery_zcml, zope_celery_principal_id):
+    """An interaction for `zope_celery_principal_id`; yields the principal.
+
+    Tasks queued in the test run as this principal.
+    """
+    import zope.security.management
+    from z3c.celery.celery import get_principal
+    from z3c.celery.celery import login_principal
+    principal = get_principal(zope_celery_principal_id)
+    login_principal(principal)
+    yield principal
+    zope.security.management.endInteraction()
+
+
+def _mode(mode):
+    import z3c.celery
+    from z3c.celery import testing
+    return testing.override_settings(
+        z3c.celery.CELERY, testing.mode_settings(mode))
+
+
+@pytest.fixture
+def zope_celery_eager(zope_celery_zcml):
+    """``z3c.celery.CELERY`` in eager mode (1.x: ``task_always_eager``).
+
+    Tasks run in this process right after the commit, without
+    serializing their arguments.
+    """
+    import z3c.celery
+    undo = _mode('eager')
+    yield z3c.celery.CELERY
+    undo()
+
+
+@pytest.fixture
+def zope_celery_inline(zope_celery_zcml):
+    """``z3c.celery.CELERY`` in inline mode, the mode for unit tests.
+
+    Tasks are queued for real and run in this process right after the
+    commit, each in its own transaction and ZODB connection, as a worker
+    would run them.
+    """
+    import z3c.celery
+    undo = _mode('inline')
+    yield z3c.celery.CELERY
+    undo()
+
+
+@pytest.fixture(scope='session')
+def zope_celery_redis():
+    """A real ``redis-server`` on 127.0.0.1, for the whole session."""
+    from z3c.celery.servers import RedisServer
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope='session')
+def zope_celery_includes():
+    """Modules with tasks the worker imports (override it)."""
+    return ()
+
+
+@pytest.fixture(scope='session')
+def zope_celery_worker_parameters():
+    """Worker options: ``queues``, ``concurrency``, ``pool``, ..."""
+    return {}
+
+
+@pytest.fixture(scope='session')
+def zope_celery_worker_config(zope_celery_redis, zope_celery_zeo,
+                              zope_celery_site_zcml_file, tmp_path_factory):
+    """The Celery settings of the worker and of the end-to-end app.
+
+    Redis as broker and result backend, and a zope.conf (``ZOPE_CONF``)
+    with the site ZCML and the session's ZEO server.
+    """
+    from z3c.celery import testing
+    directory = tmp_path_factory.mktemp('z3c-celery-worker')
+    zope_conf = testing.write_zope_conf(
+        str(directory / 'zope.conf'), zope_celery_site_zcml_file,
+        zeo_address=zope_celery_zeo.address)
+    url = zope_celery_redis.url + '/0'
+    return {
+        'broker_url': url,
+        'result_backend': url,
+        'ZOPE_CONF': zope_conf,
+    }
+
+
+@pytest.fixture(scope='session')
+def zope_celery_worker(zope_celery_worker_config, zope_celery_includes,
+                       zope_celery_worker_parameters):
+    """A real ``celery -A z3c.celery.CELERY worker`` process.
+
+    Started once per session, stopped by its pid at the end.  It imports
+    `zope_celery_includes`; the test's ``sys.path`` is its ``PYTHONPATH``.
+    """
+    from z3c.celery import testing
+    worker = testing.WorkerProcess(
+        zope_celery_worker_config, includes=zope_celery_includes,
+        parameters=zope_celery_worker_parameters,
+        pythonpath=[p for p in sys.path if p and os.path.isdir(p)])
+    worker.start()
+    yield worker
+    worker.close()
+
+
+@pytest.fixture
+def zope_celery_end_to_end(zope_celery_worker, zope_celery_worker_config,
+                           zope_celery_zeo_db):
+    """``z3c.celery.CELERY`` publishing after commit to the real worker.
+
+    Results come back through the result backend (``result.get(timeout=)``).
+    The tasks' database is the ZEO database the worker uses too.
+    """
+    import z3c.celery
+    from z3c.celery import testing
+    undo = testing.override_settings(
+        z3c.celery.CELERY,
+        dict(zope_celery_worker_config, **testing.mode_settings(
+            'end-to-end')))
+    yield z3c.celery.CELERY
+    undo()
+
+
+@pytest.fixture
+def zope_celery_recorder():
+    """A `z3c.celery.testing.TaskRecorder` active during the test."""
+    from z3c.celery import testing
+    with testing.TaskRecorder() as recorder:
+        yield recorder
