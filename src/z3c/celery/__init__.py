@@ -22,6 +22,9 @@ task = CELERY.task
 from z3c.celery import worker as _worker  # noqa: E402
 
 _worker.install(CELERY)
+# The outbox relay runs in every worker (z3c.celery.relay); named, so that
+# importing the package does not import the relay.
+CELERY.steps['worker'].add('z3c.celery.relay:OutboxRelayStep')
 
 # Loading the submodule z3c.celery.task set the package attribute ``task``
 # to that module, hiding the 1.x decorator: load it now and bind the
