@@ -50,8 +50,9 @@ def storage(tmp_path):
 
 
 def outbox_command(broker_url, *args, timeout=60):
+    broker = ['-b', broker_url] if broker_url else []
     process = subprocess.run(
-        [CELERY, '-A', 'z3c.celery.CELERY', '-b', broker_url, 'outbox']
+        [CELERY, '-A', 'z3c.celery.CELERY'] + broker + ['outbox']
         + list(args),
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env=dict(os.environ, PYTHONPATH=ROOT))
@@ -98,3 +99,25 @@ def test_without_a_database_the_command_says_what_to_give(redis_db):
     shown = outbox_command(redis_db, 'show')
     assert shown.returncode == 2
     assert '--zope-conf' in shown.stderr and '--zodb-conf' in shown.stderr
+
+
+def test_zope_conf_gives_database_and_broker(tmp_path, redis_db,
+                                             redis_server):
+    """With --zope-conf the site's ZCML configures the broker."""
+    from tests import workers
+    path = str(tmp_path / 'Site.fs')
+    db = make_site_db(path)
+    manager = transaction.TransactionManager()
+    txn = manager.begin()
+    pending = [message(n) for n in range(2)]
+    outbox.write_records(txn, db, pending, key='web:2:2', now=0)
+    manager.commit()
+    db.close()
+    site = workers.write_site(str(tmp_path / 'site'), redis_db,
+                              fs_path=path)
+    # No -b (which Celery lets win over any configuration): the broker is
+    # the one of the site's <celery:config>.
+    flushed = outbox_command(None, '--zope-conf', site.zope_conf, 'flush')
+    assert flushed.returncode == 0, flushed.stderr
+    assert 'sent: 2' in flushed.stdout
+    assert broker_ids(redis_server) == [m.task_id for m in pending]
