@@ -97,9 +97,14 @@ class Lane(persistent.Persistent):
 
 
 def lane_key():
-    """The key of the current thread's lane."""
-    return (f'{socket.gethostname()}:{os.getpid()}:'
-            f'{threading.get_native_id()}')
+    """The key of the current thread's lane.
+
+    ``threading.get_ident()`` rather than the native id: gevent's
+    monkey-patching makes it the greenlet's, so concurrent greenlets of
+    one thread get lanes of their own too.
+    """
+    return f'{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}'
+
 
 
 def make_record(message, now, seq=0):
