@@ -12,6 +12,8 @@ import importlib.metadata
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import ZConfig
@@ -140,3 +142,19 @@ def test_generated_zope_conf_is_valid_and_names_the_example_site(
     assert os.path.isdir(os.path.join(options.path[0], 'exampleapp'))
     storage = options.databases[0].config.storage.config
     assert storage.server[0].address == ('127.0.0.1', 8100)
+
+
+def test_the_worker_command_accepts_the_options_bin_worker_passes(
+        buildout):
+    init = substitute(buildout, 'worker',
+                      buildout.get('worker', 'initialization'))
+    match = re.search(r"sys\.argv\[1:1\] = (\[.*?\]) \+ shlex\.split\("
+                      r"'([^']*)'\)", init)
+    argv = eval(match.group(1)) + shlex.split(match.group(2))  # noqa: S307
+    options = [a for a in argv if a.startswith('--')]
+    process = subprocess.run(
+        [sys.executable, '-m', 'celery', *argv[:3], '--help'],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert process.returncode == 0, process.stderr
+    for option in options:
+        assert option in process.stdout, option
