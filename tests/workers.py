@@ -117,9 +117,13 @@ def prepare_filestorage(path, data=None):
 
 
 def zeo_db(address):
-    """A ``ZODB.DB`` on the ZEO server at *address* (a client of it)."""
+    """A ``ZODB.DB`` on the ZEO server at *address* (a client of it).
+
+    With ``server_sync``: each transaction sees everything committed
+    before it began, also by other processes.
+    """
     import ZEO
-    return ZEO.DB(tuple(address), wait_timeout=30)
+    return ZEO.DB(tuple(address), wait_timeout=30, server_sync=True)
 
 
 def read_data(db):
@@ -256,13 +260,23 @@ class Worker:
 
     def ping(self, timeout=1.0):
         """Whether the worker answers a ping through the broker."""
-        if self._ping_app is None:
-            self._ping_app = celery.Celery(
-                'z3c-test-ping', broker=self.broker_url,
-                set_as_current=False)
-        replies = self._ping_app.control.ping(
-            destination=[self.name], timeout=timeout)
-        return any(self.name in reply for reply in replies or ())
+        for attempt in (1, 2):
+            if self._ping_app is None:
+                self._ping_app = celery.Celery(
+                    'z3c-test-ping', broker=self.broker_url,
+                    set_as_current=False)
+            try:
+                replies = self._ping_app.control.ping(
+                    destination=[self.name], timeout=timeout)
+            except Exception:
+                # A broker restarted since the last ping: reconnect once.
+                with contextlib.suppress(Exception):
+                    self._ping_app.close()
+                self._ping_app = None
+                if attempt == 2:
+                    raise
+                continue
+            return any(self.name in reply for reply in replies or ())
 
     def wait_ready(self, timeout=None):
         """Wait until the worker consumes (ping, or its ``ready.`` line)."""

@@ -63,6 +63,14 @@ def put(key, value):
     data()[key] = value
 
 
+def slow_increment(key, seconds):
+    """Add 1 at *key*, taking *seconds* (so that tasks are in flight)."""
+    time.sleep(seconds)
+    d = data()
+    d[key] = d.get(key, 0) + 1
+    return d[key]
+
+
 def touch(key):
     """Read only: no ZODB write, so no done-marker."""
     return data().get(key)

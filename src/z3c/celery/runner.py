@@ -10,6 +10,8 @@ interaction ends and the connection closes whatever happens.
 import contextlib
 import logging
 
+import celery.exceptions
+import kombu.exceptions
 import transaction
 import zope.component
 import zope.event
@@ -139,8 +141,26 @@ class Runner:
                     # after the countdown, without anybody sleeping.
                     retries += 1
                     continue
-                raise self.task.retry(
-                    countdown=countdown, exc=error, _z3c_direct=True)
+                self._retry(countdown, error)
+
+    def _retry(self, countdown, error):
+        """Send the task again through the broker, to run in *countdown*.
+
+        When the broker cannot take the new message (it is away), Celery
+        would drop the one being run; it is requeued instead, so that it
+        comes back once the broker does.
+        """
+        try:
+            raise self.task.retry(
+                countdown=countdown, exc=error, _z3c_direct=True)
+        except celery.exceptions.Reject as reject:
+            if not _is_connection_error(self.task.app, reject.reason):
+                raise
+            log.warning('Could not send the retry of task %s[%s] (%r); '
+                        'requeueing its message', self.name,
+                        self.request.id, reject.reason)
+            raise celery.exceptions.Reject(
+                reject.reason, requeue=True) from error
 
     def _attempt(self, manager, connection):
         txn = manager.begin()
@@ -199,6 +219,15 @@ def run_in_transaction(manager, policy, task, func):
                     policy.countdown(task, error, retries) is None:
                 raise
             retries += 1
+
+
+def _is_connection_error(app, error):
+    errors = (OSError, kombu.exceptions.OperationalError)
+    try:
+        errors += tuple(app.connection_for_write().connection_errors)
+    except Exception:
+        pass
+    return isinstance(error, errors)
 
 
 def _abort(manager):

@@ -116,8 +116,19 @@ def boot(app, zope_conf=None, logging_ini=None):
     timeout = app.z3c_setting('worker_boot_timeout')
     if timeout:
         conf.worker_proc_alive_timeout = float(timeout)
+    # A result that cannot be stored because the backend is away for a
+    # moment (a Redis restart) would turn a committed task into a FAILURE:
+    # retry storing it instead, unless the site chose otherwise.
+    _worker_default(conf, 'result_backend_always_retry', True)
     _state.app = app
     _state.booted = True
+
+
+def _worker_default(conf, name, value):
+    """Set Celery setting *name* unless the site's configuration has it."""
+    # conf.maps: changes (ZCML), the celeryconfig, Celery's defaults.
+    if not any(name in layer for layer in conf.maps[:-1]):
+        conf[name] = value
 
 
 def _setup_logging_ini(app, path):

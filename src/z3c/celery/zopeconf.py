@@ -29,6 +29,7 @@ import zope.testing.cleanup
 from ZODB.POSException import ConflictError
 
 from z3c.celery import environment
+from z3c.celery import markers
 
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,10 @@ def ensure_root_folder(db, attempts=5):
     """Create the root folder ``Application`` in *db* unless it exists.
 
     Done as zope.app.appsetup's bootstrap subscriber does: a
-    ``zope.site`` root folder with a local site manager.  Several
-    processes may start at once: a conflict means another one created
-    it, so look again.
+    ``zope.site`` root folder with a local site manager.  The container
+    of the done-markers is created as well.  Several processes may start
+    at once: a conflict means another one created them, so look again.
+    Returns whether the root folder was created.
     """
     from zope.site.folder import rootFolder
     from zope.site.site import LocalSiteManager
@@ -167,16 +169,24 @@ def ensure_root_folder(db, attempts=5):
         try:
             manager.begin()
             root = connection.root()
-            if environment.ROOT_NAME in root:
+            created = False
+            if environment.ROOT_NAME not in root:
+                folder = rootFolder()
+                folder.setSiteManager(LocalSiteManager(folder))
+                root[environment.ROOT_NAME] = folder
+                created = True
+            # Now, not by the first tasks at once (they would conflict).
+            missing_markers = markers.container(connection) is None
+            if missing_markers:
+                markers.container(connection, create=True)
+            if not (created or missing_markers):
                 manager.abort()
                 return False
-            folder = rootFolder()
-            folder.setSiteManager(LocalSiteManager(folder))
-            root[environment.ROOT_NAME] = folder
-            manager.get().note('z3c.celery: create the root folder')
+            manager.get().note('z3c.celery: bootstrap')
             manager.commit()
-            log.info('Created the root folder %r', environment.ROOT_NAME)
-            return True
+            if created:
+                log.info('Created the root folder %r', environment.ROOT_NAME)
+            return created
         except ConflictError:
             manager.abort()
         finally:

@@ -1,0 +1,122 @@
+"""Faults around a real worker: killed between commit and ack, Redis and
+ZEO restarted while tasks are in flight.  Each effect is applied once."""
+import os
+
+import pytest
+import transaction
+import zope.component
+import zope.component.testing
+import zope.security.management
+from zope.configuration import xmlconfig
+
+from z3c.celery.celery import get_principal
+from z3c.celery.celery import login_principal
+from z3c.celery.interfaces import ITask
+from z3c.celery import servers
+
+from tests import workers
+
+
+#: Unacknowledged messages come back after 3 seconds; the worker looks
+#: for them every second.
+FAST_REDELIVERY = (
+    'broker_transport_options="{\'visibility_timeout\': 3, '
+    '\'unacked_restore_interval\': 1, \'unacked_restore_throttle\': 1}"')
+
+
+@pytest.fixture
+def zeo(tmp_path):
+    with servers.ZEOServer(str(tmp_path / 'Data.fs')) as server:
+        yield server
+
+
+@pytest.fixture
+def zodb(zeo):
+    db = workers.zeo_db(zeo.address)
+    workers.prepare_database(db)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def client():
+    """Call with a site: this process sends as Alice."""
+    def load(site):
+        zope.component.testing.setUp()
+        xmlconfig.file(site.site_zcml)
+        login_principal(get_principal('zope.alice'))
+    yield load
+    transaction.abort()
+    zope.security.management.endInteraction()
+    zope.component.testing.tearDown()
+
+
+def task(name):
+    return zope.component.getUtility(ITask, name)
+
+
+def test_killed_after_commit_before_ack_is_redelivered_and_applied_once(
+        tmp_path, zeo, zodb, client):
+    with servers.RedisServer() as redis:
+        site = workers.write_site(
+            str(tmp_path / 'site'), redis.url + '/0',
+            zeo_address=zeo.address, config=FAST_REDELIVERY)
+        client(site)
+        flags = tmp_path / 'flags'
+        flags.mkdir()
+        first = workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                               directory=str(tmp_path))
+        with first:
+            result = task('w.record_and_pause').delay(
+                'once', str(flags), 60)
+            transaction.commit()
+            # The task committed and now pauses before its ack: kill.
+            workers.wait_for(lambda: (flags / 'once').exists(), 30,
+                             message='the task committed')
+            first.kill()
+        assert workers.read_data(zodb)['once'] == 1
+        (flags / 'once').unlink()
+
+        second = workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                                directory=str(tmp_path))
+        with second:
+            second.wait_for_log(
+                rf'w\.record_and_pause\[{result.id}\] was already done',
+                timeout=60)
+            assert result.get(timeout=30) is None
+        assert result.state == 'SUCCESS'
+        assert workers.read_data(zodb)['once'] == 1
+        assert not (flags / 'once').exists()    # it did not run again
+
+
+def test_redis_and_zeo_restarted_mid_run_every_task_completes_once(
+        tmp_path, zeo, zodb, client):
+    with workers.PersistentRedis() as redis:
+        site = workers.write_site(
+            str(tmp_path / 'site'), redis.url + '/0',
+            zeo_address=zeo.address, config=FAST_REDELIVERY)
+        client(site)
+        worker = workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                                pool='prefork', concurrency=2,
+                                directory=str(tmp_path))
+        with worker:
+            slow = task('w.slow_increment')
+            results = [slow.delay(f'r{i}', 0.1) for i in range(20)]
+            transaction.commit()
+            worker.wait_for_log(r'slow_increment\[.*\] succeeded', count=3)
+            redis.restart()
+            results += [slow.delay(f'r{i}', 0.1) for i in range(20, 30)]
+            transaction.commit()
+            worker.wait_for_log(r'slow_increment\[.*\] succeeded', count=22,
+                                timeout=60)
+            zeo.restart()
+            results += [slow.delay(f'z{i}', 0.1) for i in range(20)]
+            transaction.commit()
+            for result in results:
+                result.get(timeout=90)
+            assert worker.ping()
+        assert {r.state for r in results} == {'SUCCESS'}
+        data = workers.read_data(zodb)
+        keys = [f'r{i}' for i in range(30)] + [f'z{i}' for i in range(20)]
+        assert {key: data.get(key) for key in keys} == {
+            key: 1 for key in keys}
