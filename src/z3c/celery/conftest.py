@@ -237,5 +237,6 @@ def _celery_session_worker(celery_config, celery_includes,
         worker.start()
         yield worker
     finally:
+        testing.release_results(z3c.celery.CELERY)
         worker.close()
         undo()

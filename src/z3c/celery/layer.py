@@ -16,6 +16,7 @@ worker does (``z3c.celery.environment``: the database set with
 
 Needs the ``layer`` extra: ``z3c.celery[layer]``.
 """
+import gc
 import os
 import sys
 
@@ -187,6 +188,10 @@ class EndToEndLayer(plone.testing.Layer):
         self._restore()
 
     def _restore(self):
+        # Results of the tests that were never fetched unsubscribe from
+        # the result backend when collected: let them while it is there.
+        gc.collect()
+        testing.release_results(z3c.celery.CELERY)
         self._undo()
         if self._redis is not None:
             self._redis.close()

@@ -7,7 +7,7 @@ Fixtures, all named ``zope_celery_*`` (the 1.x names are in
 fixture                    scope    what it gives
 ========================== ======== ==========================================
 zope_celery_site_zcml      session  text of the site ZCML (override it)
-zope_celery_site_zcml_file session  that text as a file (for workers)
+zope_celery_site_zcml_file function that text as a file
 zope_celery_zcml           function the site ZCML loaded in a clean registry
 zope_celery_db             function a FileStorage database with a root folder,
                                     the tasks' database
@@ -45,12 +45,35 @@ def zope_celery_site_zcml():
     return testing.site_zcml()
 
 
+class _SiteFiles:
+    """Site ZCML texts written to files, one file per distinct text."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory = tmp_path_factory
+        self.paths = {}
+
+    def path_for(self, text):
+        if text not in self.paths:
+            path = self.factory.mktemp('z3c-celery-site') / 'site.zcml'
+            path.write_text(text)
+            self.paths[text] = str(path)
+        return self.paths[text]
+
+
 @pytest.fixture(scope='session')
-def zope_celery_site_zcml_file(zope_celery_site_zcml, tmp_path_factory):
-    """The path of a file holding the site ZCML."""
-    path = tmp_path_factory.mktemp('z3c-celery-site') / 'site.zcml'
-    path.write_text(zope_celery_site_zcml)
-    return str(path)
+def _zope_celery_site_files(tmp_path_factory):
+    return _SiteFiles(tmp_path_factory)
+
+
+@pytest.fixture
+def zope_celery_site_zcml_file(zope_celery_site_zcml,
+                               _zope_celery_site_files):
+    """The path of a file holding the site ZCML.
+
+    Function scope, so that a module or directory overriding
+    ``zope_celery_site_zcml`` gets its own file.
+    """
+    return _zope_celery_site_files.path_for(zope_celery_site_zcml)
 
 
 @pytest.fixture
@@ -190,16 +213,20 @@ def zope_celery_worker_parameters():
 
 @pytest.fixture(scope='session')
 def zope_celery_worker_config(zope_celery_redis, zope_celery_zeo,
-                              zope_celery_site_zcml_file, tmp_path_factory):
+                              zope_celery_site_zcml, _zope_celery_site_files,
+                              tmp_path_factory):
     """The Celery settings of the worker and of the end-to-end app.
 
     Redis as broker and result backend, and a zope.conf (``ZOPE_CONF``)
-    with the site ZCML and the session's ZEO server.
+    with the site ZCML and the session's ZEO server.  One worker serves
+    the session: override ``zope_celery_site_zcml`` in the top-level
+    ``conftest.py`` so that worker and tests load the same site.
     """
     from z3c.celery import testing
     directory = tmp_path_factory.mktemp('z3c-celery-worker')
     zope_conf = testing.write_zope_conf(
-        str(directory / 'zope.conf'), zope_celery_site_zcml_file,
+        str(directory / 'zope.conf'),
+        _zope_celery_site_files.path_for(zope_celery_site_zcml),
         zeo_address=zope_celery_zeo.address)
     url = zope_celery_redis.url + '/0'
     return {
@@ -242,6 +269,7 @@ def zope_celery_end_to_end(zope_celery_worker, zope_celery_worker_config,
         dict(zope_celery_worker_config, **testing.mode_settings(
             'end-to-end')))
     yield z3c.celery.CELERY
+    testing.release_results(z3c.celery.CELERY)
     undo()
 
 

@@ -267,17 +267,39 @@ class TaskRecorder:
         self.stop()
 
 
-def outbox_messages(db):
-    """The messages waiting in the durable outbox of *db* (oldest first).
+def _record_as_queued(task_id, record):
+    return QueuedTask(record['name'], tuple(record['args']),
+                      dict(record['kwargs']), task_id,
+                      record['principal_id'], dict(record['options']))
 
-    Needs the ``outbox`` dispatch mode (:mod:`z3c.celery.outbox`).
+
+def _in_queue_order(records):
+    ordered = sorted(records.items(),
+                     key=lambda item: (item[1]['created'], item[1]['seq']))
+    return [_record_as_queued(task_id, record)
+            for task_id, record in ordered]
+
+
+def outbox_tasks(db):
+    """The tasks waiting in the outbox of *db*, oldest first (`QueuedTask`).
+
+    With dispatch mode ``outbox`` a task waits there from the commit of
+    the transaction that queued it until it was published.
     """
-    try:
-        from z3c.celery import outbox
-    except ImportError:  # pragma: no cover - outbox not installed
-        raise RuntimeError(
-            'z3c.celery.outbox is not available in this version') from None
-    return outbox.pending_messages(db)
+    from z3c.celery import outbox
+    return _in_queue_order(outbox.pending_records(db))
+
+
+def outbox_dead_letters(db):
+    """The tasks the relay gave up on (`QueuedTask`), oldest first."""
+    from z3c.celery import outbox
+    return _in_queue_order(outbox.dead_letters(db))
+
+
+def outbox_figures(db):
+    """``pending``, ``oldest_age`` (seconds), ``dead`` and ``lanes``."""
+    from z3c.celery import outbox
+    return outbox.figures(db)
 
 
 # Celery configuration of z3c.celery.CELERY for a while
@@ -306,6 +328,25 @@ def override_settings(app, settings):
                 conf.changes[key] = value
         app_module.reset_connections(app)
     return undo
+
+
+def release_results(app):
+    """Stop waiting for the results *app* still waits for.
+
+    A ``result.get(timeout=...)`` that timed out leaves its result
+    subscribed at the result backend; when it is garbage collected after
+    the test's Redis stopped, Celery tries to reconnect for a long while.
+    Call this while the backend is still reachable (the end-to-end layer
+    and fixtures do).
+    """
+    backend = getattr(app._local, 'backend', None)
+    pending = getattr(backend, '_pending_results', None)
+    if not pending:
+        return
+    for mapping in pending:
+        for waiters in list(mapping.values()):
+            for result in list(waiters.values()):
+                backend.remove_pending_result(result)
 
 
 #: The settings of each test mode.
@@ -392,16 +433,16 @@ def worker_options(parameters):
 class WorkerProcess:
     """A real ``celery worker`` process for ``z3c.celery.CELERY``.
 
-    *settings* (a dict, written to a celeryconfig file the worker reads
-    through ``CELERY_CONFIG_FILE``) must contain the broker and the
-    ``ZOPE_CONF`` the worker loads.  *includes* are modules the worker
+    *settings* (a dict, written to a ``celeryconfig.py`` the worker
+    reads with ``--config celeryconfig``, as 1.x documented it) must
+    contain the broker and the ``ZOPE_CONF`` the worker loads.  *includes* are modules the worker
     imports (``--include``), *parameters* 1.x worker parameters
     (``queues``, ``concurrency``, ``pool``, ``loglevel``, ...).
     *pythonpath* entries are put in front of the worker's ``PYTHONPATH``.
 
-    `start` waits until the worker logged that it is ready (up to
+    `start` waits until the worker answers a ping (up to
     *timeout* seconds, settable by ``worker_boot_timeout``); `stop` ends
-    it by its pid (SIGTERM, then SIGKILL).  Its output is in `log_path`.
+    it by its pid (SIGQUIT, then SIGKILL).  Its output is in `log_path`.
     """
 
     def __init__(self, settings, includes=(), parameters=None,
@@ -425,7 +466,10 @@ class WorkerProcess:
         self._log = None
 
     def command(self):
+        # Celery 5's form of 1.x's ``celery worker --app=... --config=...``
+        # (the config module is found in the worker's directory).
         command = [sys.executable, '-m', 'celery', '-A', 'z3c.celery.CELERY',
+                   '--config', 'celeryconfig',
                    'worker', '--without-heartbeat', '--without-gossip',
                    '--without-mingle']
         command.extend(worker_options(self.parameters))
@@ -435,8 +479,7 @@ class WorkerProcess:
 
     def environment(self):
         env = dict(os.environ)
-        env.pop('CELERY_CONFIG_MODULE', None)
-        env['CELERY_CONFIG_FILE'] = self.config_path
+        env.pop('CELERY_CONFIG_FILE', None)
         path = [p for p in self.pythonpath]
         if env.get('PYTHONPATH'):
             path.append(env['PYTHONPATH'])
@@ -471,23 +514,37 @@ class WorkerProcess:
             return ''
 
     def wait_until_ready(self):
+        """Wait until the worker answers a ping (its logging may be
+        configured to say nothing)."""
+        import celery
+        app = celery.Celery(
+            'z3c.celery.testing.ping', set_as_current=False,
+            broker=self.settings['broker_url'])
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f'The celery worker exited with {self.process.returncode}'
-                    f' while starting; its output:\n{self.log()}')
-            if ' ready.' in self.log():
-                return
-            time.sleep(0.1)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f'The celery worker exited with '
+                        f'{self.process.returncode} while starting; its '
+                        f'output:\n{self.log()}')
+                if app.control.ping([self.hostname], timeout=0.5):
+                    return
+        finally:
+            app.close()
         raise TimeoutError(
             f'The celery worker was not ready after {self.timeout}s; its '
             f'output:\n{self.log()}')
 
-    def stop(self, timeout=20.0):
+    def stop(self, timeout=20.0, sig=signal.SIGQUIT):
+        """Stop the worker by its pid: *sig*, then SIGKILL after *timeout*.
+
+        The default is Celery's cold shutdown (SIGQUIT): a test worker has
+        no task left to finish, and it still closes its databases.
+        """
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, sig)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,1 @@
+"""The examples of docs/testing.rst: each is a test that runs."""
