@@ -1,0 +1,234 @@
+"""In-process parts of the worker: zope.conf loading, databases, the
+bootstep's settings, and done-markers run through the runner (inline)."""
+import sys
+
+import pytest
+import transaction
+import ZODB
+import ZODB.interfaces
+import zope.component
+import zope.component.hooks
+from celery.exceptions import Ignore
+
+import z3c.celery
+from z3c.celery import environment
+from z3c.celery import markers
+from z3c.celery import worker
+from z3c.celery import zopeconf
+from z3c.celery.interfaces import ITask
+
+from tests import workers
+
+
+@pytest.fixture
+def site(tmp_path, zca):
+    fs = workers.prepare_filestorage(str(tmp_path / 'Data.fs'),
+                                     {'k': 'v'})
+    return workers.write_site(str(tmp_path / 'site'), 'memory://env',
+                              fs_path=fs)
+
+
+def test_load_zope_conf_executes_the_site_zcml_once(site):
+    options = zopeconf.load_zope_conf(site.zope_conf)
+    assert zope.component.queryUtility(ITask, 'w.whoami') is not None
+    assert z3c.celery.CELERY.conf.broker_url == 'memory://env'
+    assert zopeconf.load_zope_conf(site.zope_conf) is options
+    assert zopeconf.loaded_path() == site.zope_conf
+
+
+def test_a_second_zope_conf_is_refused(site, tmp_path):
+    zopeconf.load_zope_conf(site.zope_conf)
+    other = tmp_path / 'other.conf'
+    other.write_text(open(site.zope_conf).read())
+    with pytest.raises(zopeconf.ZopeConfError, match='already loaded'):
+        zopeconf.load_zope_conf(str(other))
+
+
+def test_paths_and_site_definition_are_relative_to_zope_conf(
+        site, tmp_path):
+    conf = tmp_path / 'site' / 'relative.conf'
+    text = open(site.zope_conf).read().replace(
+        site.site_zcml, 'site.zcml')
+    conf.write_text('path lib\n' + text)
+    saved = sys.path[:]
+    try:
+        zopeconf.load_zope_conf(str(conf))
+        assert sys.path[0] == str(tmp_path / 'site' / 'lib')
+    finally:
+        sys.path[:] = saved
+
+
+def test_missing_site_definition_is_named(site, tmp_path):
+    conf = tmp_path / 'bad.conf'
+    conf.write_text(open(site.zope_conf).read().replace(
+        site.site_zcml, str(tmp_path / 'nowhere.zcml')))
+    with pytest.raises(zopeconf.ZopeConfError, match='nowhere.zcml'):
+        zopeconf.load_zope_conf(str(conf))
+
+
+def test_open_databases_registers_sets_and_closes(site):
+    zopeconf.load_zope_conf(site.zope_conf)
+    db = zopeconf.open_databases()
+    try:
+        assert zope.component.getUtility(ZODB.interfaces.IDatabase) is db
+        assert environment.get_database() is db
+        with db.transaction() as conn:
+            root = conn.root()
+            assert root['data']['k'] == 'v'
+            assert markers.CONTAINER_KEY in root
+    finally:
+        zopeconf.close_databases()
+    assert environment.get_database() is None
+    assert zope.component.queryUtility(ZODB.interfaces.IDatabase) is None
+
+
+def test_root_folder_is_created_once_when_missing(tmp_path):
+    db = ZODB.DB(None)
+    try:
+        assert zopeconf.ensure_root_folder(db) is True
+        assert zopeconf.ensure_root_folder(db) is False
+        with db.transaction() as conn:
+            site = conn.root()[environment.ROOT_NAME]
+            assert zope.component.interfaces.ISite.providedBy(site)
+    finally:
+        db.close()
+
+
+def test_boot_without_zope_conf_says_what_to_set(zca):
+    app = z3c.celery.CELERY
+    with pytest.raises(worker.WorkerSetupError) as error:
+        worker.boot(app)
+    assert str(error.value) == worker.NO_ZOPE_CONF
+    assert worker._state.booted is False
+
+
+def test_worker_boot_timeout_sets_proc_alive_timeout(site, monkeypatch):
+    monkeypatch.setattr(worker, '_state', worker._State())
+    app = z3c.celery.CELERY
+    app.conf.worker_boot_timeout = 42
+    try:
+        worker.boot(app, site.zope_conf)
+        assert app.conf.worker_proc_alive_timeout == 42.0
+        assert app.conf.result_backend_always_retry is True
+    finally:
+        del app.conf.changes['worker_boot_timeout']
+        app.conf.changes.pop('worker_proc_alive_timeout', None)
+        app.conf.changes.pop('result_backend_always_retry', None)
+
+
+def test_worker_options_are_installed():
+    names = {option.name for option in
+             z3c.celery.CELERY.user_options['worker']}
+    assert {'zope_conf', 'logging_ini'} <= names
+    assert worker.ZopeEnvironment in z3c.celery.CELERY.steps['worker']
+
+
+# Done-markers through the runner, in-process
+
+TASKS = '''
+  <celery:config dispatch="inline" />
+  <celery:task name="t.increment" handler="tests.tasks.increment" />
+  <celery:task name="w.touch" handler="tests.site.tasks.touch" />
+'''
+
+
+@pytest.fixture
+def inline(load_zcml, db, login):
+    load_zcml(TASKS)
+    login('zope.alice')
+    return db
+
+
+def run(name, *args, task_id):
+    """Run a task as a worker would run a (re)delivered message."""
+    task = zope.component.getUtility(ITask, name)
+    return task.apply(args, {'_principal_id_': 'zope.alice'},
+                      task_id=task_id, throw=True)
+
+
+def marked(db, task_id):
+    with db.transaction() as conn:
+        return markers.done_at(conn, task_id, z3c.celery.CELERY.z3c_setting(
+            'done_marker_retention')) is not None
+
+
+def test_redelivered_task_is_skipped_and_logged(inline, caplog):
+    run('t.increment', 'n', task_id='same-id')
+    assert marked(inline, 'same-id')
+    outcome = run('t.increment', 'n', task_id='same-id')
+    assert outcome.state == 'SUCCESS'
+    assert outcome.result is None
+    with inline.transaction() as conn:
+        assert conn.root()['data']['n'] == 1
+    assert 'Task t.increment[same-id] was already done' in caplog.text
+
+
+def test_task_that_writes_nothing_gets_no_marker(inline):
+    run('w.touch', 'n', task_id='reader')
+    assert not marked(inline, 'reader')
+
+
+def test_markers_can_be_switched_off(load_zcml, db, login):
+    load_zcml(TASKS.replace('dispatch="inline"',
+                            'dispatch="inline" done_markers="false"'))
+    login('zope.alice')
+    run('t.increment', 'n', task_id='twice')
+    run('t.increment', 'n', task_id='twice')
+    assert not marked(db, 'twice')
+    with db.transaction() as conn:
+        assert conn.root()['data']['n'] == 2
+
+
+def test_skip_keeps_a_result_already_stored(inline, monkeypatch):
+    task = zope.component.getUtility(ITask, 't.increment')
+    monkeypatch.setattr(type(task.backend), 'get_state',
+                        lambda self, task_id: 'SUCCESS', raising=False)
+    with pytest.raises(Ignore):
+        markers.skip(task, markers.AlreadyDone('t', 'id', 0))
+
+
+def test_marker_written_by_a_later_commit_hook_counts(inline):
+    """Writes made in before-commit hooks (e.g. an outbox) are included."""
+    from tests import tasks
+
+    def writes_in_hook():
+        def hook():
+            tasks.data()['from-hook'] = True
+        transaction.get().addBeforeCommitHook(hook)
+    db = ZODB.DB(None)
+    workers.prepare_database(db)
+    manager = transaction.TransactionManager()
+    conn = db.open(transaction_manager=manager)
+    try:
+        txn = manager.begin()
+        with environment.site_of(conn), \
+                environment.thread_transaction_manager(manager):
+            markers.mark_at_commit(txn, conn, 'hooked', 100)
+            writes_in_hook()
+            manager.commit()
+        manager.begin()
+        assert markers.done_at(conn, 'hooked', 100) is not None
+    finally:
+        conn.close()
+        db.close()
+
+
+def test_generations_are_looked_up_and_pruned():
+    db = ZODB.DB(None)
+    conn = db.open()
+    try:
+        day = 86400
+        markers.mark_done(conn, 'old', day, now=0.5 * day)
+        markers.mark_done(conn, 'recent', day, now=1.5 * day)
+        # Still found one generation later, gone two generations later.
+        assert markers.done_at(conn, 'old', day, now=1.9 * day)
+        assert markers.done_at(conn, 'old', day, now=2.1 * day) is None
+        markers.mark_done(conn, 'new', day, now=2.5 * day)
+        tree = markers.container(conn)
+        assert list(tree.keys()) == [1, 2]     # generation 0 dropped
+        assert markers.done_at(conn, 'recent', day, now=2.5 * day)
+        assert markers.done_at(conn, 'new', day, now=2.5 * day)
+    finally:
+        transaction.abort()
+        conn.close()
+        db.close()
