@@ -52,7 +52,8 @@ def test_1x_names_are_importable():
     assert z3c.celery.celery.CELERY is z3c.celery.CELERY
     assert z3c.celery.task.__self__ is z3c.celery.CELERY
     assert z3c.celery.celery.TransactionAwareTask is TransactionAwareTask
-    assert issubclass(z3c.celery.celery.Abort, z3c.celery.celery.HandleAfterAbort)
+    assert issubclass(z3c.celery.celery.Abort,
+                      z3c.celery.celery.HandleAfterAbort)
     assert issubclass(z3c.celery.celery.Retry, celery.exceptions.Retry)
     assert z3c.celery.celery.ZopeLoader is z3c.celery.loader.ZopeLoader
     assert z3c.celery.celery.celery_session is celery_session

@@ -14,3 +14,4 @@ broker_url = os.environ.get('COMPAT1X_BROKER', 'redis://localhost:6379/0')
 result_backend = broker_url
 imports = ['tests.compat1x.tasks']
 worker_boot_timeout = 30
+DEBUG_WORKER = False

@@ -29,7 +29,8 @@ class SiteZCML(plone.testing.zca.ZCMLSandbox):
         zope.principalregistry.principalregistry.principalRegistry._clear()
 
 
-ZCML_LAYER = SiteZCML(name='CeleryZCML', filename='ftesting.zcml', package=tests.compat1x)
+ZCML_LAYER = SiteZCML(
+    name='CeleryZCML', filename='ftesting.zcml', package=tests.compat1x)
 
 
 class CelerySettingsLayer(plone.testing.Layer):
@@ -48,7 +49,9 @@ class CelerySettingsLayer(plone.testing.Layer):
         os.environ['COMPAT1X_TASK_LOG'] = os.path.join(
             self['conf_dir'], 'tasks.log')
         self['celery_config'] = z3c.celery.conftest.celery_config(zope_conf)
-        self['celery_config']['LOGGING_INI'] = celeryconfig.LOGGING_INI
+        # The deployment's worker settings, from its celeryconfig.
+        for name in ('LOGGING_INI', 'DEBUG_WORKER', 'worker_boot_timeout'):
+            self['celery_config'][name] = getattr(celeryconfig, name)
         self['celery_parameters'] = (
             z3c.celery.conftest.celery_parameters())
         self['celery_worker_parameters'] = {'queues': ('hiprio', 'celery')}

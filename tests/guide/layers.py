@@ -19,7 +19,8 @@ class SiteZCML(plone.testing.zca.ZCMLSandbox):
         zope.principalregistry.principalregistry.principalRegistry._clear()
 
 
-ZCML_LAYER = SiteZCML(name='GuideZCML', filename='site.zcml', package=tests.guide)
+ZCML_LAYER = SiteZCML(
+    name='GuideZCML', filename='site.zcml', package=tests.guide)
 
 
 class SiteDatabase(plone.testing.Layer):

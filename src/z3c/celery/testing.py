@@ -434,15 +434,17 @@ class WorkerProcess:
     """A real ``celery worker`` process for ``z3c.celery.CELERY``.
 
     *settings* (a dict, written to a ``celeryconfig.py`` the worker
-    reads with ``--config celeryconfig``, as 1.x documented it) must
-    contain the broker and the ``ZOPE_CONF`` the worker loads.  *includes* are modules the worker
-    imports (``--include``), *parameters* 1.x worker parameters
-    (``queues``, ``concurrency``, ``pool``, ``loglevel``, ...).
+    reads with ``--config celeryconfig``, the Celery 5 form of the 1.x
+    command line) must contain the broker and the ``ZOPE_CONF`` the
+    worker loads.  *includes* are modules the worker imports
+    (``--include``), *parameters* 1.x worker parameters (``queues``,
+    ``concurrency``, ``pool`` (default ``solo``), ``loglevel``, ...).
     *pythonpath* entries are put in front of the worker's ``PYTHONPATH``.
 
-    `start` waits until the worker answers a ping (up to
-    *timeout* seconds, settable by ``worker_boot_timeout``); `stop` ends
-    it by its pid (SIGQUIT, then SIGKILL).  Its output is in `log_path`.
+    `start` waits until the worker answers a ping (up to *timeout*
+    seconds, default ``worker_boot_timeout`` or 60) and raises with the
+    worker's output if it exits or does not answer; `stop` ends it by
+    its pid (SIGQUIT, then SIGKILL).  Its output is in `log_path`.
     """
 
     def __init__(self, settings, includes=(), parameters=None,
