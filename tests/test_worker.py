@@ -19,6 +19,7 @@ from celery.exceptions import NotRegistered
 from zope.configuration import xmlconfig
 
 import z3c.celery
+from z3c.celery import environment
 from z3c.celery import markers
 from z3c.celery import servers
 from z3c.celery.celery import get_principal
@@ -72,10 +73,11 @@ def worker(site, zodb):
 
 
 @pytest.fixture
-def client(site, worker):
+def client(site, worker, zodb):
     """This process as a web process of the site, logged in as Alice."""
     zope.component.testing.setUp()
     xmlconfig.file(site.site_zcml)
+    environment.set_database(zodb)
     login_principal(get_principal('zope.alice'))
     yield
     transaction.abort()

@@ -203,8 +203,8 @@ def test_marker_written_by_a_later_commit_hook_counts(inline):
         txn = manager.begin()
         with environment.site_of(conn), \
                 environment.thread_transaction_manager(manager):
+            writes_in_hook()     # the task only queued something
             markers.mark_at_commit(txn, conn, 'hooked', 100)
-            writes_in_hook()
             manager.commit()
         manager.begin()
         assert markers.done_at(conn, 'hooked', 100) is not None
@@ -232,3 +232,37 @@ def test_generations_are_looked_up_and_pruned():
         transaction.abort()
         conn.close()
         db.close()
+
+
+def test_commit_token_and_catch_up_over_zeo(tmp_path, zca):
+    """A worker's ZEO client sees the sender's commit before the task."""
+    import ZEO
+
+    from z3c.celery import servers
+    with servers.ZEOServer(str(tmp_path / 'zeo.fs')) as zeo:
+        sender = ZEO.DB(zeo.address)
+        receiver = ZEO.DB(zeo.address)      # no server-sync
+        try:
+            workers.prepare_database(sender)
+            environment.set_database(sender)
+            for i in range(20):
+                with sender.transaction() as conn:
+                    conn.root()['data']['n'] = i
+                token = worker.commit_token(z3c.celery.CELERY)
+                assert token == sender.lastTransaction().hex()
+                worker.catch_up(receiver, token)
+                assert receiver.storage.lastTransaction() >= \
+                    bytes.fromhex(token)
+                with receiver.transaction() as conn:
+                    assert conn.root()['data']['n'] == i
+            # Up to date: no round trip is made.
+            assert worker.catch_up(receiver, token) is False
+            assert worker.catch_up(receiver, None) is False
+        finally:
+            environment.set_database(None)
+            sender.close()
+            receiver.close()
+
+
+def test_no_database_no_token(zca):
+    assert worker.commit_token(z3c.celery.CELERY) is None

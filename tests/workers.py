@@ -60,12 +60,14 @@ def _fill(template_name, target, **values):
 
 
 def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
-               dispatch='after-commit', config='', extra=''):
+               dispatch='after-commit', config='', extra='', events=True):
     """Write ``zope.conf`` and ``site.zcml`` into *directory*.
 
     Give *fs_path* (a FileStorage file) or *zeo_address* (``(host,
     port)`` or ``'host:port'``).  *config* is more attributes of
     ``<celery:config>`` (text), *extra* more ZCML inside ``<configure>``.
+    With *events*, a subscriber logs every z3c.celery event (``EVENT
+    TaskStarted name[id] principal=...``).
     """
     if (fs_path is None) == (zeo_address is None):
         raise ValueError('write_site: give either fs_path or zeo_address')
@@ -73,7 +75,9 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
     site_zcml = _fill(
         'site.zcml.in', os.path.join(directory, 'site.zcml'),
         site_dir=SITE_DIR, broker_url=broker_url, dispatch=dispatch,
-        config=config, extra=extra)
+        config=config, extra=extra,
+        events=f'<include file="{SITE_DIR}/events.zcml" />' if events
+        else '')
     zope_conf = os.path.join(directory, 'zope.conf')
     if fs_path is not None:
         _fill('zope-filestorage.conf.in', zope_conf, site_zcml=site_zcml,
@@ -173,13 +177,16 @@ class Worker:
     ``CELERY_CONFIG_FILE``).  *broker_url* is where `start` pings the
     worker to know it is ready; without it, `start` waits for the
     ``ready.`` line in the log.  The log (stdout and stderr) is in
-    ``log_path``.
+    ``log_path``.  *app* is the ``-A`` argument (another app for
+    comparisons, e.g. a plain Celery one).
     """
 
     def __init__(self, zope_conf=None, *, broker_url=None, pool='solo',
                  concurrency=1, logging_ini=None, config=None, env=None,
                  args=(), directory=None, loglevel='INFO',
-                 start_timeout=60.0, stop_timeout=15.0):
+                 start_timeout=60.0, stop_timeout=15.0,
+                 app='z3c.celery.CELERY'):
+        self.app = app
         self.zope_conf = zope_conf
         self.broker_url = broker_url
         self.pool = pool
@@ -201,7 +208,7 @@ class Worker:
         self._ping_app = None
 
     def command(self):
-        command = [sys.executable, '-m', 'celery', '-A', 'z3c.celery.CELERY']
+        command = [sys.executable, '-m', 'celery', '-A', self.app]
         if self.config:
             command += ['--config', self.config]
         command += ['worker', '-P', self.pool, '-c', str(self.concurrency),

@@ -92,11 +92,18 @@ def writes_to_zodb(txn):
 
 
 def mark_at_commit(txn, connection, task_id, retention):
-    """Mark *task_id* done at commit of *txn*, if *txn* writes then.
+    """Mark *task_id* done in *txn* if *txn* writes to the ZODB.
 
-    A before-commit hook that puts itself behind any hook still to run, so
-    that writes made by other hooks (an outbox, say) count as well.
+    Called when the task's work is done, right before the commit.  When
+    before-commit hooks are still to run (an outbox writes there, say),
+    the decision waits for them: a hook that puts itself behind any other
+    hook decides at commit.
     """
+    if not any(True for _ in txn.getBeforeCommitHooks()):
+        if writes_to_zodb(txn):
+            mark_done(connection, task_id, retention)
+        return
+
     def hook():
         # transaction >= 5 keeps the hooks that ran in the list (older
         # versions pop them): the ones still to run follow our entry.

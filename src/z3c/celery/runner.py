@@ -24,6 +24,8 @@ from z3c.celery import events
 from z3c.celery import markers
 from z3c.celery import signing
 from z3c.celery.control import Abort
+from z3c.celery.worker import TID_HEADER
+from z3c.celery.worker import catch_up
 from z3c.celery.interfaces import ConflictRetriesExceeded
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
@@ -88,6 +90,8 @@ class Runner:
         saved_interaction = zope.security.management.queryInteraction()
         try:
             if db is not None:
+                # See what the sender had committed when it sent this.
+                catch_up(db, getattr(self.request, TID_HEADER, None))
                 connection = db.open(transaction_manager=manager)
             with environment.thread_transaction_manager(manager), \
                     environment.site_of(connection):
@@ -168,24 +172,29 @@ class Runner:
         txn.setExtendedInfo('task_name', self.name)
         if self.request.id:
             txn.setExtendedInfo('task_id', self.request.id)
-        self._done_marker(txn, connection)
+        mark = self._done_marker(connection)
         self._notify(events.TaskStarted)
         result = self.task.run(*self.args, **self.kwargs)
+        if mark:
+            markers.mark_at_commit(txn, connection, self.request.id, mark)
         manager.commit()
         self._notify(events.TaskSucceeded, result=result)
         return result
 
-    def _done_marker(self, txn, connection):
-        """Skip a task already done, else mark it done at commit."""
+    def _done_marker(self, connection):
+        """Skip a task already done; the retention if it is to be marked.
+
+        Returns ``None`` when this run takes no done-marker.
+        """
         app = self.task.app
         if connection is None or not self.request.id or \
                 not app.z3c_setting('done_markers'):
-            return
+            return None
         retention = app.z3c_setting('done_marker_retention')
         when = markers.done_at(connection, self.request.id, retention)
         if when is not None:
             raise markers.AlreadyDone(self.name, self.request.id, when)
-        markers.mark_at_commit(txn, connection, self.request.id, retention)
+        return retention
 
     def _after_abort(self, manager, policy, error):
         handler = lookup(IAfterAbortHandler, self.name)

@@ -169,6 +169,57 @@ def _on_celeryd_init(sender=None, instance=None, options=None, **kw):
             f'{type(e).__name__}: {e}') from None
 
 
+#: The message header with the sender's commit token.
+TID_HEADER = 'z3c_tid'
+
+
+def commit_token(app):
+    """The last transaction id this process knows of *app*'s database.
+
+    Sent with each message (hex text), so that a worker reading through
+    ZEO can make sure it has seen that transaction before the task runs
+    (`catch_up`).  ``None`` without a database.
+    """
+    db = environment.get_database(app.z3c_setting('zodb_database'))
+    if db is None:
+        return None
+    try:
+        tid = db.lastTransaction()
+    except Exception:
+        return None
+    return tid.hex() if tid else None
+
+
+def catch_up(db, token):
+    """Make *db* see the transaction *token* names, if it has not yet.
+
+    A ZEO client learns of other clients' commits from invalidations that
+    travel apart from the task message, so the message may come first.
+    Then one round trip to the server (``ping``) makes the client wait
+    for the invalidations sent before; otherwise nothing is done, and a
+    task costs no round trip (as ``server-sync true`` in zope.conf would
+    cost for every transaction).  Storages without ``ping`` are left
+    alone (RelStorage polls at each transaction start; a FileStorage has
+    one process).
+    """
+    if not token or db is None:
+        return False
+    storage = db.storage
+    ping = getattr(storage, 'ping', None)
+    if ping is None:
+        return False
+    try:
+        wanted = bytes.fromhex(token)
+        if storage.lastTransaction() >= wanted:
+            return False
+        ping()
+    except Exception:
+        log.debug('Could not catch up with transaction %s', token,
+                  exc_info=True)
+        return False
+    return True
+
+
 def _is_prefork(pool_cls):
     from celery.concurrency.prefork import TaskPool
     return isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)

@@ -1,0 +1,355 @@
+"""Worker side: tasks run by a real ``celery worker`` in the Zope environment.
+
+Run with ``python -m benchmarks worker`` (or ``python -m
+benchmarks.bench_worker``).  One private Redis server and one ZEO server
+(a FileStorage behind it) serve every measurement; every worker is
+``celery worker -P prefork -c 2``.  The things compared run in the same
+process, alternating round by round; medians are reported.
+
+1. 1000 no-op tasks, sent at once, until the last result is stored:
+   tasks/s of z3c.celery (each task opens a ZODB connection, sets the
+   site, resolves the principal, begins and commits a transaction,
+   looks its done-marker up) against plain Celery no-op tasks (a plain
+   ``celery.Celery`` app, default settings).  Also the time per task
+   inside the pool process, from the ``succeeded in ...s`` lines of the
+   worker logs.  Goals: >= 0.95x tasks/s; <= 0.15 ms more per task.
+2. 1000 tasks each writing a distinct key into one OOBTree over ZEO,
+   with done-markers on and off (two workers, same database).  Goal:
+   markers cost <= 10% of tasks/s.
+3. 200 increments of one counter (every pair of concurrent tasks
+   conflicts; no conflict resolution) against 200 increments of 200
+   distinct counters, same worker.  Drain time ratio, lost and failed
+   tasks.  Goal: ratio <= 1.5 with 0 lost and 0 failed.
+"""
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+
+import transaction
+import zope.component
+import zope.component.testing
+from zope.configuration import xmlconfig
+
+from z3c.celery import servers
+from z3c.celery.celery import get_principal
+from z3c.celery.celery import login_principal
+from z3c.celery.interfaces import ITask
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, 'RESULTS-worker.md')
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests import workers  # noqa: E402
+
+
+NOOPS = 1000
+WRITES = 1000
+INCREMENTS = 200
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 5))
+WARMUP = 200
+
+PLAIN_APP = '''\
+"""A plain Celery app with a no-op task: the baseline."""
+import celery
+
+app = celery.Celery('plain', broker={url!r}, backend={url!r})
+
+
+@app.task(name='plain.noop')
+def noop():
+    return None
+'''
+
+
+def succeeded_times(log, name, last):
+    """The run times (ms) of the last *last* tasks *name* in a log."""
+    times = re.findall(
+        rf'Task {re.escape(name)}\[[^\]]+\] succeeded in ([0-9.e-]+)s', log)
+    return [float(t) * 1000 for t in times[-last:]]
+
+
+def wait_all(results, timeout=600):
+    deadline = time.monotonic() + timeout
+    for result in results:
+        result.get(timeout=max(1.0, deadline - time.monotonic()),
+                   propagate=False)
+
+
+class Client:
+    """This process as the web process of a site (sends as Alice)."""
+
+    def __init__(self, site):
+        self.site = site
+
+    def __enter__(self):
+        zope.component.testing.setUp()
+        xmlconfig.file(self.site.site_zcml)
+        login_principal(get_principal('zope.alice'))
+        return self
+
+    def __exit__(self, *exc):
+        transaction.abort()
+        zope.component.testing.tearDown()
+
+    def send(self, name, calls):
+        """Queue one task per args tuple in *calls*, commit; results."""
+        task = zope.component.getUtility(ITask, name)
+        results = [task.delay(*args) for args in calls]
+        transaction.commit()
+        return results
+
+
+def drain(send):
+    """Seconds from sending until every result is stored."""
+    start = time.perf_counter()
+    results = send()
+    wait_all(results)
+    return time.perf_counter() - start, results
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def noop_benchmark(redis, zeo, tmp):
+    print(f'1. {NOOPS} no-op tasks, prefork -c 2, {ROUNDS} rounds',
+          flush=True)
+    plain_dir = os.path.join(tmp, 'plain')
+    os.makedirs(plain_dir)
+    url = redis.url + '/1'
+    with open(os.path.join(plain_dir, 'bench_plain_app.py'), 'w') as f:
+        f.write(PLAIN_APP.format(url=url))
+    sys.path.insert(0, plain_dir)
+    import bench_plain_app
+    plain_app = bench_plain_app.app
+
+    site = workers.write_site(os.path.join(tmp, 'noop'), redis.url + '/0',
+                              zeo_address=zeo.address, events=False)
+    plain = workers.Worker(app='bench_plain_app', broker_url=url,
+                           pool='prefork', concurrency=2,
+                           directory=plain_dir,
+                           env={'PYTHONPATH': os.pathsep.join(
+                               [plain_dir, ROOT])})
+    zope_worker = workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                                 pool='prefork', concurrency=2,
+                                 directory=os.path.join(tmp, 'noop'))
+    rates = {'plain': [], 'z3c': []}
+    with plain, zope_worker, Client(site) as client:
+        def send_plain(n):
+            with plain_app.producer_or_acquire() as producer:
+                return [plain_app.send_task('plain.noop', producer=producer)
+                        for _ in range(n)]
+
+        def send_z3c(n):
+            return client.send('t.noop', [()] * n)
+
+        # Warm up both (pool processes, connections, caches).
+        wait_all(send_plain(WARMUP))
+        wait_all(send_z3c(WARMUP))
+        for round_ in range(ROUNDS):
+            order = [('plain', send_plain), ('z3c', send_z3c)]
+            if round_ % 2:
+                order.reverse()
+            for name, send in order:
+                seconds, _ = drain(lambda: send(NOOPS))
+                rates[name].append(NOOPS / seconds)
+                print(f'   round {round_ + 1} {name}: '
+                      f'{NOOPS / seconds:.0f} tasks/s', flush=True)
+        plain_times = succeeded_times(plain.log(), 'plain.noop',
+                                      NOOPS * ROUNDS)
+        z3c_times = succeeded_times(zope_worker.log(), 't.noop',
+                                    NOOPS * ROUNDS)
+    plain_app.close()
+    return {
+        'plain_rate': median(rates['plain']),
+        'z3c_rate': median(rates['z3c']),
+        'plain_ms': median(plain_times),
+        'z3c_ms': median(z3c_times),
+        'plain_mean_ms': statistics.mean(plain_times),
+        'z3c_mean_ms': statistics.mean(z3c_times),
+    }
+
+
+def marker_benchmark(redis, zeo, tmp):
+    print(f'2. {WRITES} tasks writing distinct keys, done-markers on/off, '
+          f'{ROUNDS} rounds', flush=True)
+    sites = {
+        'on': workers.write_site(os.path.join(tmp, 'on'), redis.url + '/2',
+                                 zeo_address=zeo.address, events=False),
+        'off': workers.write_site(os.path.join(tmp, 'off'),
+                                  redis.url + '/3', zeo_address=zeo.address,
+                                  config='done_markers="false"',
+                                  events=False),
+    }
+    started = {name: workers.Worker(
+        site.zope_conf, broker_url=site.broker_url, pool='prefork',
+        concurrency=2, directory=site.directory).start()
+        for name, site in sites.items()}
+    rates = {'on': [], 'off': []}
+    failed = 0
+    retries = {}
+    try:
+        for name in ('on', 'off'):   # warm up
+            with Client(sites[name]) as client:
+                wait_all(client.send(
+                    'w.put', [(f'warm-{name}-{i}', i)
+                              for i in range(WARMUP)]))
+        for round_ in range(ROUNDS):
+            order = ['on', 'off'] if round_ % 2 == 0 else ['off', 'on']
+            for name in order:
+                with Client(sites[name]) as client:
+                    seconds, results = drain(lambda: client.send(
+                        'w.put', [(f'{name}-{round_}-{i}', i)
+                                  for i in range(WRITES)]))
+                failed += sum(r.state != 'SUCCESS' for r in results)
+                rates[name].append(WRITES / seconds)
+                print(f'   round {round_ + 1} markers {name}: '
+                      f'{WRITES / seconds:.0f} tasks/s', flush=True)
+        retries = {name: len(re.findall(r'hit a conflict', worker.log()))
+                   for name, worker in started.items()}
+    finally:
+        for worker in started.values():
+            worker.stop()
+    db = workers.zeo_db(zeo.address)
+    try:
+        data = workers.read_data(db)
+    finally:
+        db.close()
+    lost = sum(1 for name in ('on', 'off') for round_ in range(ROUNDS)
+               for i in range(WRITES)
+               if data.get(f'{name}-{round_}-{i}') != i)
+    return {'on': median(rates['on']), 'off': median(rates['off']),
+            'lost': lost, 'failed': failed, 'retries': retries}
+
+
+def conflict_benchmark(redis, zeo, tmp):
+    print(f'3. {INCREMENTS} increments: one counter against distinct '
+          f'counters, {ROUNDS} rounds', flush=True)
+    site = workers.write_site(os.path.join(tmp, 'conflicts'),
+                              redis.url + '/4', zeo_address=zeo.address,
+                              events=False)
+    worker = workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                            pool='prefork', concurrency=2,
+                            directory=site.directory)
+    times = {'one': [], 'distinct': []}
+    lost = failed = 0
+    db = workers.zeo_db(zeo.address)
+    with worker, Client(site) as client:
+        wait_all(client.send('t.increment', [('warm',)] * WARMUP))
+        for round_ in range(ROUNDS):
+            order = ['one', 'distinct'] if round_ % 2 == 0 else \
+                ['distinct', 'one']
+            for name in order:
+                if name == 'one':
+                    calls = [(f'counter-{round_}',)] * INCREMENTS
+                else:
+                    calls = [(f'c-{round_}-{i}',) for i in range(INCREMENTS)]
+                seconds, results = drain(
+                    lambda: client.send('t.increment', calls))
+                times[name].append(seconds)
+                failed += sum(r.state != 'SUCCESS' for r in results)
+                print(f'   round {round_ + 1} {name}: {seconds:.2f} s',
+                      flush=True)
+            data = workers.read_data(db)
+            lost += INCREMENTS - data.get(f'counter-{round_}', 0)
+            lost += sum(1 for i in range(INCREMENTS)
+                        if data.get(f'c-{round_}-{i}') != 1)
+        retries = len(re.findall(r'hit a conflict', worker.log()))
+    db.close()
+    return {'one': median(times['one']),
+            'distinct': median(times['distinct']), 'lost': lost,
+            'failed': failed, 'retries': retries}
+
+
+def report(noop, marker, conflict):
+    rate_ratio = noop['z3c_rate'] / noop['plain_rate']
+    extra_ms = noop['z3c_ms'] - noop['plain_ms']
+    marker_cost = 1 - marker['on'] / marker['off']
+    drain_ratio = conflict['one'] / conflict['distinct']
+
+    def met(ok):
+        return 'yes' if ok else 'NO'
+    lines = [
+        '# Worker: benchmark results',
+        '',
+        f'Written by `python -m benchmarks worker` '
+        f'({time.strftime("%Y-%m-%d %H:%M")}, {os.cpu_count()} cores, '
+        f'Python {sys.version.split()[0]}).  Every worker: '
+        f'`celery worker -P prefork -c 2`, one Redis, one ZEO server; '
+        f'medians of {ROUNDS} alternating rounds.',
+        '',
+        f'### 1. {NOOPS} no-op tasks (sent at once, until every result '
+        'is stored)',
+        '',
+        '| what | plain Celery | z3c.celery | z3c / plain | goal | met |',
+        '|---|---:|---:|---:|---:|---|',
+        f'| tasks/s | {noop["plain_rate"]:.0f} | {noop["z3c_rate"]:.0f} | '
+        f'{rate_ratio:.2f} | >= 0.95 | {met(rate_ratio >= 0.95)} |',
+        f'| ms per task in the pool process (median) | '
+        f'{noop["plain_ms"]:.3f} | {noop["z3c_ms"]:.3f} | '
+        f'+{extra_ms:.3f} ms | <= +0.15 ms | {met(extra_ms <= 0.15)} |',
+        f'| ms per task in the pool process (mean) | '
+        f'{noop["plain_mean_ms"]:.3f} | {noop["z3c_mean_ms"]:.3f} | '
+        f'+{noop["z3c_mean_ms"] - noop["plain_mean_ms"]:.3f} ms | | |',
+        '',
+        f'### 2. {WRITES} tasks writing distinct keys of one OOBTree '
+        'over ZEO',
+        '',
+        '| done-markers | tasks/s |',
+        '|---|---:|',
+        f'| off | {marker["off"]:.0f} |',
+        f'| on | {marker["on"]:.0f} |',
+        '',
+        f'Cost of the markers: {marker_cost * 100:.1f}% of tasks/s (goal '
+        f'<= 10%: {met(marker_cost <= 0.10)}); lost writes: '
+        f'{marker["lost"]}, failed tasks: {marker["failed"]}; conflict '
+        f'retries: {marker["retries"].get("on")} (on), '
+        f'{marker["retries"].get("off")} (off).',
+        '',
+        f'### 3. {INCREMENTS} increments, same worker',
+        '',
+        '| what | drain time (s) |',
+        '|---|---:|',
+        f'| {INCREMENTS} distinct counters | {conflict["distinct"]:.2f} |',
+        f'| one counter (conflicting) | {conflict["one"]:.2f} |',
+        '',
+        f'Ratio {drain_ratio:.2f} (goal <= 1.5: '
+        f'{met(drain_ratio <= 1.5)}); lost increments: {conflict["lost"]}, '
+        f'failed tasks: {conflict["failed"]} (goal 0 and 0: '
+        f'{met(conflict["lost"] == 0 and conflict["failed"] == 0)}); '
+        f'conflict retries in all rounds: {conflict["retries"]}.',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix='z3c-bench-worker-')
+    try:
+        with servers.RedisServer() as redis, \
+                servers.ZEOServer(os.path.join(tmp, 'Data.fs')) as zeo:
+            db = workers.zeo_db(zeo.address)
+            workers.prepare_database(db)
+            db.close()
+            noop = noop_benchmark(redis, zeo, tmp)
+            marker = marker_benchmark(redis, zeo, tmp)
+            conflict = conflict_benchmark(redis, zeo, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = report(noop, marker, conflict)
+    with open(RESULTS, 'w') as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+if __name__ == '__main__':
+    main()
