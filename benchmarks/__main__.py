@@ -15,6 +15,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -170,13 +171,36 @@ def header(started):
     ])
 
 
+def nest_headings(markdown, level=3):
+    """Shift *markdown*'s headings so that the highest is at *level*.
+
+    A module's Markdown may start at ``#``; in RESULTS.md it sits under
+    the module's own ``##`` heading.
+    """
+    lines = markdown.splitlines()
+    fenced = False
+    headings = []
+    for index, line in enumerate(lines):
+        if line.startswith('```'):
+            fenced = not fenced
+        elif not fenced and re.match(r'#{1,6} ', line):
+            headings.append(index)
+    if not headings:
+        return markdown
+    top = min(len(lines[i]) - len(lines[i].lstrip('#')) for i in headings)
+    shift = max(0, level - top)
+    for index in headings:
+        lines[index] = '#' * shift + lines[index]
+    return '\n'.join(lines)
+
+
 def section(name, ok, seconds, markdown, output):
     lines = [f'## {name}', '']
     status = 'ok' if ok else '**FAILED**'
     lines.append(f'_{status}, {seconds:.0f} s_')
     lines.append('')
     if markdown and ok:
-        lines.append(markdown.strip())
+        lines.append(nest_headings(markdown.strip()))
     else:
         lines += ['```', output.rstrip() or '(no output)', '```']
     lines.append('')
