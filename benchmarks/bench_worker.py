@@ -122,10 +122,7 @@ def succeeded_times(log, name, last):
 
 
 def wait_all(results, timeout=600):
-    deadline = time.monotonic() + timeout
-    for result in results:
-        result.get(timeout=max(1.0, deadline - time.monotonic()),
-                   propagate=False)
+    workers.wait_results(results, timeout)
 
 
 class Client:

@@ -7,7 +7,6 @@ the worker, forged messages are refused.
 """
 import base64
 import json
-import time
 import uuid
 
 import pytest
@@ -100,17 +99,17 @@ def test_task_runs_as_queuing_principal_and_sees_committed_data(
     mine = task('w.whoami').delay('seen')
     bobs = task('w.whoami').delay('seen', _principal_id_='zope.bob')
     transaction.commit()
-    assert mine.get(timeout=30) == {
+    assert workers.result_of(mine, 30) == {
         'principal': 'zope.alice', 'site': 'Folder',
         'value': 'committed before'}
-    assert bobs.get(timeout=30)['principal'] == 'zope.bob'
+    assert workers.result_of(bobs, 30)['principal'] == 'zope.bob'
 
 
 def test_writes_are_committed_with_principal_and_task_name(
         client, zodb, worker):
     result = task('t.record').delay('rec', 1)
     transaction.commit()
-    assert result.get(timeout=30) == 1
+    assert workers.result_of(result, 30) == 1
     assert workers.read_data(zodb)['rec'] == (1, 'zope.alice')
     info = [i for i in zodb.undoInfo(0, 20)
             if i.get('task_id') == result.id]
@@ -124,7 +123,7 @@ def test_nothing_is_sent_when_the_transaction_aborts(client, zodb, worker):
     transaction.abort()
     done = task('t.record').delay('after-abort', 1)
     transaction.commit()
-    done.get(timeout=30)
+    workers.result_of(done, 30)
     assert 'aborted' not in workers.read_data(zodb)
 
 
@@ -132,7 +131,7 @@ def test_conflict_is_retried_through_the_broker_as_the_same_principal(
         client, zodb, worker):
     result = task('w.conflict_once').delay('c1', _principal_id_='zope.bob')
     transaction.commit()
-    assert result.get(timeout=30) == 1
+    assert workers.result_of(result, 30) == 1
     assert workers.read_data(zodb)['c1'] == ('zope.bob', 1)
     # The retry was a new message, received by the worker's main process.
     worker.wait_for_log(rf'w\.conflict_once\[{result.id}\] received',
@@ -146,9 +145,9 @@ def test_events_fire_in_the_worker(client, worker):
     ok = task('t.record').delay('ev', 1)
     bad = task('t.fail').delay('ev-fail')
     transaction.commit()
-    ok.get(timeout=30)
+    workers.result_of(ok, 30)
     with pytest.raises(ValueError):
-        bad.get(timeout=30)
+        workers.result_of(bad, 30)
     for event, result in (('TaskStarted', ok), ('TaskSucceeded', ok),
                           ('TaskStarted', bad), ('TaskFailed', bad)):
         worker.wait_for_log(
@@ -160,9 +159,7 @@ def test_conflict_storm_loses_nothing(client, zodb, worker):
     increment = task('t.increment')
     results = [increment.delay('storm') for _ in range(200)]
     transaction.commit()
-    deadline = time.monotonic() + 120
-    for result in results:
-        result.get(timeout=max(1, deadline - time.monotonic()))
+    workers.wait_results(results, 120)
     assert {r.state for r in results} == {'SUCCESS'}
     assert workers.read_data(zodb)['storm'] == 200
     # It really was a storm: the children got in each other's way.
@@ -181,12 +178,12 @@ def test_bad_input_fails_visibly_and_loses_nothing(client, zodb, worker):
     transaction.commit()
 
     with pytest.raises(LookupError, match="'zope.nobody'"):
-        unknown_principal.get(timeout=30)
+        workers.result_of(unknown_principal, 30)
     with pytest.raises(ValueError, match='task failed for failing'):
-        failing.get(timeout=30)
+        workers.result_of(failing, 30)
     with pytest.raises(NotRegistered):
-        unknown_task.get(timeout=30)
-    assert [r.get(timeout=30) for r in good] == [0, 1, 2, 3]
+        workers.result_of(unknown_task, 30)
+    assert [workers.result_of(r, 30) for r in good] == [0, 1, 2, 3]
 
     data = workers.read_data(zodb)
     assert {f'good{i}' for i in range(4)} <= set(data)
@@ -234,14 +231,14 @@ def test_forged_messages_are_refused_and_run_nothing(
                   {'_principal_id_': 'zope.bob'},
                   headers={HEADER: 'v1:' + '0' * 64})
     with pytest.raises(InvalidSignature, match='not signed'):
-        unsigned.get(timeout=30)
+        workers.result_of(unsigned, 30)
     with pytest.raises(InvalidSignature, match='does not match'):
-        wrong.get(timeout=30)
+        workers.result_of(wrong, 30)
     worker.wait_for_log(rf'Refused task t\.record\[{unsigned.id}\]')
     # A genuine message, sent by the site, still runs.
     result = task('t.record').delay('genuine', 1)
     transaction.commit()
-    assert result.get(timeout=30) == 1
+    assert workers.result_of(result, 30) == 1
     data = workers.read_data(zodb)
     assert 'genuine' in data
     assert 'forged1' not in data and 'forged2' not in data
@@ -257,7 +254,7 @@ def test_tampered_principal_is_refused(client, redis, zodb, worker):
                    {'_principal_id_': 'zope.alice'},
                    headers={HEADER: genuine}, task_id=task_id)
     with pytest.raises(InvalidSignature, match='does not match'):
-        result.get(timeout=30)
+        workers.result_of(result, 30)
     assert 'tamper' not in workers.read_data(zodb)
 
 
@@ -265,8 +262,8 @@ def test_done_marker_only_for_tasks_that_write(client, zodb, worker):
     writes = task('t.record').delay('marked', 1)
     reads = task('w.touch').delay('marked')
     transaction.commit()
-    writes.get(timeout=30)
-    reads.get(timeout=30)
+    workers.result_of(writes, 30)
+    workers.result_of(reads, 30)
     with zodb.transaction() as conn:
         retention = z3c.celery.CELERY.z3c_setting('done_marker_retention')
         assert markers.done_at(conn, writes.id, retention) is not None

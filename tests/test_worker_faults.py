@@ -83,7 +83,7 @@ def test_killed_after_commit_before_ack_is_redelivered_and_applied_once(
             second.wait_for_log(
                 rf'w\.record_and_pause\[{result.id}\] was already done',
                 timeout=60)
-            assert result.get(timeout=30) is None
+            assert workers.result_of(result, 30) is None
         assert result.state == 'SUCCESS'
         assert workers.read_data(zodb)['once'] == 1
         assert not (flags / 'once').exists()    # it did not run again
@@ -112,8 +112,7 @@ def test_redis_and_zeo_restarted_mid_run_every_task_completes_once(
             zeo.restart()
             results += [slow.delay(f'z{i}', 0.1) for i in range(20)]
             transaction.commit()
-            for result in results:
-                result.get(timeout=90)
+            workers.wait_results(results, 90)
             assert worker.ping()
         assert {r.state for r in results} == {'SUCCESS'}
         data = workers.read_data(zodb)

@@ -85,8 +85,8 @@ def run_tasks(site):
             'written', 7, _principal_id_='zope.bob')
         logged = zope.component.getUtility(ITask, 'w.log').delay('hello')
         transaction.commit()
-        return (whoami.get(timeout=30), record.get(timeout=30),
-                logged.get(timeout=30), logged.id)
+        return (workers.result_of(whoami), workers.result_of(record),
+                workers.result_of(logged), logged.id)
     finally:
         client_done()
 

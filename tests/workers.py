@@ -165,6 +165,43 @@ def wait_for(predicate, timeout, interval=0.05, message='condition'):
         time.sleep(interval)
 
 
+def result_of(result, timeout=30.0):
+    """The value of *result* (raising its error), waiting *timeout* at most.
+
+    Waits for the result backend's notification, and reads the stored
+    state when none came within a few seconds: under load, Celery's Redis
+    result backend now and then misses the notification of a result that
+    was stored (the worker did its part), and ``get()`` would wait for
+    its whole timeout.
+    """
+    import celery.exceptions
+    import celery.states
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return result.get(
+                timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+        except celery.exceptions.TimeoutError:
+            if result.state in celery.states.READY_STATES:
+                # Now in the result's cache: get() returns at once.
+                return result.get(timeout=1.0)
+            if time.monotonic() > deadline:
+                raise
+
+
+def wait_results(results, timeout=60.0):
+    """Wait until every result in *results* is ready (errors included)."""
+    import celery.states
+    deadline = time.monotonic() + timeout
+    for result in results:
+        try:
+            result_of(result, max(0.1, deadline - time.monotonic()))
+        except Exception:
+            if result.state not in celery.states.READY_STATES:
+                raise
+    return results
+
+
 class WorkerError(RuntimeError):
     """A worker did not start or exited; the message holds its log."""
 
