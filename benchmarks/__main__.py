@@ -107,6 +107,13 @@ def cpu_model():
     return platform.processor() or 'unknown'
 
 
+def load_average():
+    try:
+        return ', '.join(f'{x:.2f}' for x in os.getloadavg())
+    except OSError:
+        return 'unknown'
+
+
 def memory():
     try:
         with open('/proc/meminfo') as f:
@@ -162,6 +169,8 @@ def header(started):
         f'- Date: {started:%Y-%m-%d %H:%M} UTC',
         f'- Machine: {cores} cores ({usable} usable), {cpu_model()}, '
         f'{memory()} RAM, {platform.system()} {platform.release()}',
+        f'- Load average when the run started (1, 5, 15 min): '
+        f'{load_average()} (other work on the machine skews the figures)',
         f'- Python {platform.python_version()} '
         f'({platform.python_implementation()})',
         f'- Redis server {redis_server_version()}',
@@ -172,25 +181,24 @@ def header(started):
 
 
 def nest_headings(markdown, level=3):
-    """Shift *markdown*'s headings so that the highest is at *level*.
+    """Renumber *markdown*'s heading levels to start at *level*.
 
     A module's Markdown may start at ``#``; in RESULTS.md it sits under
-    the module's own ``##`` heading.
+    the module's own ``##`` heading.  The levels used keep their order and
+    lose their gaps (``#``, ``###`` become ``###``, ``####``).
     """
     lines = markdown.splitlines()
     fenced = False
-    headings = []
+    headings = {}
     for index, line in enumerate(lines):
         if line.startswith('```'):
             fenced = not fenced
         elif not fenced and re.match(r'#{1,6} ', line):
-            headings.append(index)
-    if not headings:
-        return markdown
-    top = min(len(lines[i]) - len(lines[i].lstrip('#')) for i in headings)
-    shift = max(0, level - top)
-    for index in headings:
-        lines[index] = '#' * shift + lines[index]
+            headings[index] = len(line) - len(line.lstrip('#'))
+    new_level = {old: level + rank
+                 for rank, old in enumerate(sorted(set(headings.values())))}
+    for index, old in headings.items():
+        lines[index] = '#' * new_level[old] + lines[index][old:]
     return '\n'.join(lines)
 
 
@@ -225,6 +233,7 @@ def main(argv=None):
         print(f'No benchmark modules (bench_*.py) in {HERE}')
         return 1
     started = datetime.datetime.now(datetime.timezone.utc)
+    top = header(started)   # before the benchmarks load the machine
     sections = []
     failed = []
     for name in chosen:
@@ -235,7 +244,7 @@ def main(argv=None):
         if not ok:
             failed.append(name)
         sections.append(section(name, ok, seconds, markdown, output))
-    text = header(started) + '\n' + '\n'.join(sections)
+    text = top + '\n' + '\n'.join(sections)
     tmp = args.output + '.tmp'
     with open(tmp, 'w') as f:
         f.write(text)
