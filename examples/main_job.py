@@ -398,6 +398,7 @@ class Client:
         self.sizes = sizes
         self.timeout = timeout
         self.expect = Expectations()
+        self.timeouts = []   # what a timed-out wait saw, for the report
         self.connection = db.open()
 
     def close(self):
@@ -438,6 +439,12 @@ class Client:
         self.progress.update(bar, completed=count,
                              description=label + ('' if count >= total
                                                   else ' [red](timed out)'))
+        if count < total:
+            from z3c.celery import outbox
+            self.timeouts.append(
+                f'{label}: {count} of {total} after '
+                f'{timeout or self.timeout:.1f} s; outbox: '
+                f'{outbox.figures(self.db)}')
         return count >= total
 
     def published(self, names):
@@ -736,6 +743,8 @@ def run_with_database(args, console, sizes, work_dir, parts, env, redis,
     console.print(summary_table(rows))
     status = exit_status(rows)
     if status:
+        for line in client.timeouts:
+            console.print(f'[red]Timed out:[/red] {line}')
         console.print('[red]Some promises were not kept.[/red] The end of '
                       f'the worker log:\n{worker.log_tail()}')
     else:
