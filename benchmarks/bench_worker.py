@@ -28,7 +28,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 
 import transaction

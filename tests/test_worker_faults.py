@@ -1,6 +1,5 @@
 """Faults around a real worker: killed between commit and ack, Redis and
 ZEO restarted while tasks are in flight.  Each effect is applied once."""
-import os
 
 import pytest
 import transaction

@@ -25,7 +25,6 @@ import time
 import uuid
 
 import celery
-import ZODB
 
 from z3c.celery import servers
 
