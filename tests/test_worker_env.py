@@ -116,6 +116,28 @@ def test_worker_boot_timeout_sets_proc_alive_timeout(site, monkeypatch):
         app.conf.changes.pop('result_backend_always_retry', None)
 
 
+def test_logging_ini_of_the_site_zcml_is_applied(tmp_path, monkeypatch, zca):
+    """LOGGING_INI in <celery:config> counts, although read late."""
+    monkeypatch.setattr(worker, '_state', worker._State())
+    ini = tmp_path / 'logging.ini'
+    ini.write_text('[loggers]\nkeys = root\n[handlers]\nkeys =\n'
+                   '[formatters]\nkeys =\n[logger_root]\nhandlers =\n')
+    fs = workers.prepare_filestorage(str(tmp_path / 'Data.fs'))
+    site = workers.write_site(str(tmp_path / 'site'), 'memory://env',
+                              fs_path=fs, config=f'LOGGING_INI="{ini}"')
+    applied = []
+    monkeypatch.setattr('z3c.celery.logging.apply_logging_ini',
+                        applied.append)
+    app = z3c.celery.CELERY
+    app.log.already_setup, saved = True, app.log.already_setup
+    try:
+        worker.boot(app, site.zope_conf)
+    finally:
+        app.log.already_setup = saved
+        app.conf.changes.pop('result_backend_always_retry', None)
+    assert applied == [str(ini)]
+
+
 def test_worker_options_are_installed():
     names = {option.name for option in
              z3c.celery.CELERY.user_options['worker']}

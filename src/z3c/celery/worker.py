@@ -113,6 +113,9 @@ def boot(app, zope_conf=None, logging_ini=None):
             raise WorkerSetupError(f'z3c.celery: {e}') from None
     elif environment.get_database(app.z3c_setting('zodb_database')) is None:
         raise WorkerSetupError(NO_ZOPE_CONF)
+    if not logging_ini and conf.get('LOGGING_INI'):
+        # Set by the site's <celery:config>, known only now.
+        _setup_logging_ini(app, conf.get('LOGGING_INI'))
     timeout = app.z3c_setting('worker_boot_timeout')
     if timeout:
         conf.worker_proc_alive_timeout = float(timeout)
