@@ -13,6 +13,7 @@ from zope.configuration import xmlconfig
 
 from z3c.celery import environment
 from z3c.celery import servers
+from z3c.celery.zopeconf import ensure_root_folder
 
 
 HERE = os.path.dirname(__file__)
@@ -58,16 +59,10 @@ def load_zcml(zca):
 
 def make_site_db(path):
     """A FileStorage database with a root site folder and ``data``."""
-    from zope.site.folder import rootFolder
-    from zope.site.site import LocalSiteManager
     db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+    ensure_root_folder(db)
     with db.transaction() as conn:
-        root = conn.root()
-        if 'Application' not in root:
-            folder = rootFolder()
-            folder.setSiteManager(LocalSiteManager(folder))
-            root['Application'] = folder
-            root['data'] = OOBTree()
+        conn.root().setdefault('data', OOBTree())
     return db
 
 

@@ -145,6 +145,13 @@ def test_callers_kwargs_are_not_modified(site):
     assert message.kwargs == {'key': 'a', 'value': 1}
 
 
+def test_principal_id_also_accepted_as_an_execution_option(site):
+    task().apply_async(('a', 1), _principal_id_='zope.bob')
+    [message] = dispatch.queued_messages()
+    assert message.principal_id == 'zope.bob'
+    assert '_principal_id_' not in message.options
+
+
 def test_old_task_id_keyword_is_accepted_and_ignored(site):
     result = task().delay('a', 1, _task_id_='old')
     [message] = dispatch.queued_messages()

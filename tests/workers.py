@@ -93,16 +93,11 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
 def prepare_database(db):
     """Give *db* the root folder and the ``data`` tree the tasks use."""
     from BTrees.OOBTree import OOBTree
-    from zope.site.folder import rootFolder
-    from zope.site.site import LocalSiteManager
+
+    from z3c.celery.zopeconf import ensure_root_folder
+    ensure_root_folder(db)
     with db.transaction() as conn:
-        root = conn.root()
-        if 'Application' not in root:
-            folder = rootFolder()
-            folder.setSiteManager(LocalSiteManager(folder))
-            root['Application'] = folder
-        if 'data' not in root:
-            root['data'] = OOBTree()
+        conn.root().setdefault('data', OOBTree())
 
 
 def prepare_filestorage(path, data=None):

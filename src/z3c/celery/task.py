@@ -67,7 +67,10 @@ class TransactionAwareTask(celery.Task):
                 task_type=self, **options)
         args = tuple(args or ())
         kwargs = dict(kwargs or {})   # the caller's dict stays untouched
-        principal_id = kwargs.pop('_principal_id_', _MISSING)
+        # The principal may come as a keyword argument (1.x) or as an
+        # execution option (``apply_async(args, _principal_id_=...)``).
+        principal_id = kwargs.pop(
+            '_principal_id_', options.pop('_principal_id_', _MISSING))
         kwargs.pop('_task_id_', None)  # 1.x passed it; ids are ours now
         if principal_id is _MISSING:
             principal_id = current_principal_id()

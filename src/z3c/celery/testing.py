@@ -22,6 +22,7 @@ import zope.event
 
 from z3c.celery import dispatch
 from z3c.celery import events
+from z3c.celery import servers
 from z3c.celery.celery import login_principal  # noqa: F401 - 1.x name
 
 
@@ -124,16 +125,11 @@ ROOT_NAME = 'Application'
 def ensure_root_folder(db):
     """Create the root folder (a site) in *db* unless it exists.
 
-    Tasks run with the root folder as their site, as the worker sets it.
+    Tasks run with the root folder as their site, as the worker sets it;
+    this is what a worker does at start (`zopeconf.ensure_root_folder`).
     """
-    from zope.site.folder import rootFolder
-    from zope.site.site import LocalSiteManager
-    with db.transaction() as conn:
-        root = conn.root()
-        if ROOT_NAME not in root:
-            folder = rootFolder()
-            folder.setSiteManager(LocalSiteManager(folder))
-            root[ROOT_NAME] = folder
+    from z3c.celery.zopeconf import ensure_root_folder
+    ensure_root_folder(db)
     return db
 
 
@@ -545,13 +541,7 @@ class WorkerProcess:
         no task left to finish, and it still closes its databases.
         """
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, sig)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout)
+        servers.stop_process(process, timeout, sig)
         if self._log is not None:
             self._log.close()
             self._log = None
