@@ -108,3 +108,30 @@ def redis_db(redis_server):
     client.flushall()
     yield redis_server.url + '/0'
     client.flushall()
+
+
+# Module-scoped real servers for the modules that share one worker.
+
+@pytest.fixture(scope='module')
+def redis():
+    """A real redis-server for the tests of one module."""
+    with servers.RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope='module')
+def zeo(tmp_path_factory):
+    """A real ZEO server (FileStorage behind it) for one module."""
+    path = tmp_path_factory.mktemp('zeo') / 'Data.fs'
+    with servers.ZEOServer(str(path)) as server:
+        yield server
+
+
+@pytest.fixture(scope='module')
+def zodb(zeo):
+    """A client of the module's ZEO database, with the test site in it."""
+    from tests import workers
+    db = workers.zeo_db(zeo.address)
+    workers.prepare_database(db)
+    yield db
+    db.close()

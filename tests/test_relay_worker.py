@@ -23,27 +23,6 @@ from .conftest import SITE_ZCML
 
 
 @pytest.fixture(scope='module')
-def redis():
-    with servers.RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope='module')
-def zeo(tmp_path_factory):
-    path = tmp_path_factory.mktemp('zeo') / 'Data.fs'
-    with servers.ZEOServer(str(path)) as server:
-        yield server
-
-
-@pytest.fixture(scope='module')
-def zodb(zeo):
-    db = workers.zeo_db(zeo.address)
-    workers.prepare_database(db)
-    yield db
-    db.close()
-
-
-@pytest.fixture(scope='module')
 def worker(tmp_path_factory, redis, zeo, zodb):
     site = workers.write_site(
         str(tmp_path_factory.mktemp('site')), redis.url + '/0',

@@ -20,7 +20,6 @@ from zope.configuration import xmlconfig
 import z3c.celery
 from z3c.celery import environment
 from z3c.celery import markers
-from z3c.celery import servers
 from z3c.celery.celery import get_principal
 from z3c.celery.celery import login_principal
 from z3c.celery.interfaces import ITask
@@ -31,28 +30,6 @@ from tests import workers
 
 
 SECRET = 'a test secret of the worker tests'
-
-
-@pytest.fixture(scope='module')
-def redis():
-    with servers.RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope='module')
-def zeo(tmp_path_factory):
-    path = tmp_path_factory.mktemp('zeo') / 'Data.fs'
-    with servers.ZEOServer(str(path)) as server:
-        yield server
-
-
-@pytest.fixture(scope='module')
-def zodb(zeo):
-    """A client of the worker's database (the test reads through it)."""
-    db = workers.zeo_db(zeo.address)
-    workers.prepare_database(db)
-    yield db
-    db.close()
 
 
 @pytest.fixture(scope='module')

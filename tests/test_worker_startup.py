@@ -3,7 +3,6 @@ over a FileStorage, the logging ini, and a clear error without zope.conf."""
 import os
 import time
 
-import pytest
 import transaction
 import ZODB
 import ZODB.FileStorage
@@ -13,7 +12,6 @@ import zope.security.management
 from zope.configuration import xmlconfig
 
 from z3c.celery import markers
-from z3c.celery import servers
 from z3c.celery.celery import get_principal
 from z3c.celery.celery import login_principal
 from z3c.celery.interfaces import ITask
@@ -44,12 +42,6 @@ formatter = task
 class = z3c.celery.logging.TaskFormatter
 format = LOGINI %(levelname)s [%(task_name)s|%(task_id)s] %(message)s
 '''
-
-
-@pytest.fixture(scope='module')
-def redis():
-    with servers.RedisServer() as server:
-        yield server
 
 
 def client_of(site):
