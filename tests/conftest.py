@@ -38,6 +38,22 @@ SITE_ZCML = '''\
 '''
 
 
+class VetoingDataManager:
+    """Votes no; sorts after every other data manager (after ours too)."""
+
+    transaction_manager = transaction.manager
+
+    def abort(self, txn):
+        pass
+    tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+    def tpc_vote(self, txn):
+        raise ValueError('vetoed')
+
+    def sortKey(self):
+        return '~~~ after everything'
+
+
 @pytest.fixture
 def zca():
     """A clean component registry, Celery configuration and interaction."""

@@ -11,6 +11,8 @@ import z3c.celery
 from z3c.celery import dispatch
 from z3c.celery.interfaces import ITask
 
+from .conftest import VetoingDataManager
+
 
 def broker_messages(redis_server, queue='celery'):
     """The task messages waiting in *queue*, oldest first."""
@@ -88,21 +90,8 @@ def test_savepoint_rollback_drops_tasks_queued_after_it(site, redis_server):
 
 def test_vetoing_data_manager_after_ours_means_no_message(
         site, redis_server):
-    class Veto:
-        transaction_manager = transaction.manager
-
-        def abort(self, txn):
-            pass
-        tpc_begin = commit = tpc_abort = tpc_finish = abort
-
-        def tpc_vote(self, txn):
-            raise ValueError('vetoed')
-
-        def sortKey(self):
-            return '~~~ after everything'
-
     task().delay('a', 1)
-    transaction.get().join(Veto())
+    transaction.get().join(VetoingDataManager())
     with pytest.raises(ValueError, match='vetoed'):
         transaction.commit()
     transaction.abort()

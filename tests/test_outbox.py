@@ -20,6 +20,7 @@ from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import ITask
 from z3c.celery.relay import Relay
 
+from .conftest import VetoingDataManager
 from .conftest import read_data
 
 
@@ -147,22 +148,9 @@ def test_vetoing_data_manager_after_ours_sends_and_stores_nothing(
     """Fault 3: a data manager voting no after ours."""
     db = site(redis_db)
 
-    class Veto:
-        transaction_manager = transaction.manager
-
-        def abort(self, txn):
-            pass
-        tpc_begin = commit = tpc_abort = tpc_finish = abort
-
-        def tpc_vote(self, txn):
-            raise ValueError('vetoed')
-
-        def sortKey(self):
-            return '~~~ after everything'
-
     conn = write(db, 'k', 1)
     task().delay('a', 1)
-    transaction.get().join(Veto())
+    transaction.get().join(VetoingDataManager())
     with pytest.raises(ValueError, match='vetoed'):
         transaction.commit()
     transaction.abort()
