@@ -1,9 +1,11 @@
 """The generic runner, in-process (inline mode) on a real FileStorage."""
 import logging
+import threading
 
 import pytest
 import transaction
 import zope.component
+import zope.component.testing
 import zope.component.hooks
 import zope.event
 import zope.security.management
@@ -31,6 +33,7 @@ TASKS = '''
   <celery:task name="t.fail" handler="tests.tasks.fail" />
   <celery:task name="t.handled" handler="tests.tasks.fail_with_handler" />
   <celery:task name="t.abort" handler="tests.tasks.abort_with_handler" />
+  <celery:task name="t.read" handler="tests.tasks.read" />
 '''
 
 
@@ -213,39 +216,112 @@ def test_task_queued_without_interaction_runs_without_principal(site):
     assert result.get() == 0
 
 
-def test_interaction_ends_and_connection_closes_when_abort_fails(
-        site, caplog):
-    class BadAbort:
-        transaction_manager = None
+class BadAbort:
+    """A data manager whose abort fails."""
 
-        def abort(self, txn):
-            raise RuntimeError('abort failed')
+    transaction_manager = None
 
-        tpc_abort = abort
+    def abort(self, txn):
+        raise RuntimeError('abort failed')
 
-        def sortKey(self):
-            return 'bad-abort'
+    tpc_abort = abort
 
-    def join_and_fail(key):
-        tasks.data()[key] = 'dirty'
-        transaction.get().join(BadAbort())
-        raise ValueError('boom')
+    def sortKey(self):
+        return 'bad-abort'
 
-    z3c.celery.CELERY.task(join_and_fail, name='t.badabort', lazy=False)
-    opened = []
+
+def join_and_fail(key):
+    tasks.data()[key] = 'dirty'
+    transaction.get().join(BadAbort())
+    raise ValueError('boom')
+
+
+@pytest.fixture
+def opened(site, monkeypatch):
+    """The connections the runner opens on the site's database."""
+    connections = []
     original_open = site.open
 
     def open_(*a, **kw):
         conn = original_open(*a, **kw)
-        opened.append(conn)
+        connections.append(conn)
         return conn
-    site.open = open_
+    monkeypatch.setattr(site, 'open', open_)
+    return connections
+
+
+def run_in_worker(name, *args):
+    """Run task *name* as a worker's pool process does (not in-process)."""
+    from celery.utils import uuid
+    task_ = z3c.celery.CELERY.tasks[name]
+    task_.push_request(id=uuid(), called_directly=False, is_eager=False,
+                       retries=0)
+    try:
+        return task_(*args, _principal_id_='zope.alice')
+    finally:
+        task_.pop_request()
+
+
+def test_worker_thread_keeps_one_connection_and_sees_new_commits(
+        site, opened):
+    assert run_in_worker('t.record', 'a', 1) == 1
+    elsewhere = transaction.TransactionManager()
+    conn = type(site).open(site, elsewhere)    # not counted in *opened*
+    conn.root()['data']['b'] = 'from elsewhere'
+    elsewhere.commit()
+    conn.close()
+    assert run_in_worker('t.read', 'b') == 'from elsewhere'
+    assert run_in_worker('t.record', 'c', 3) == 3
+    assert len(opened) == 1 and opened[0].opened is not None
+    # Other threads (the threads pool) get connections of their own.
+    seen = []
+    thread = threading.Thread(
+        target=lambda: seen.append(run_in_worker('t.read', 'c')))
+    thread.start()
+    thread.join(10)
+    assert seen == [(3, 'zope.alice')] and len(opened) == 2
+    assert read_data(site) == {'a': (1, 'zope.alice'), 'b': 'from elsewhere',
+                               'c': (3, 'zope.alice')}
+
+
+class Stop(BaseException):
+    """Not an Exception: what a gevent timeout or an interrupt is like."""
+
+
+def write_and_stop(key):
+    tasks.data()[key] = 'dirty'
+    raise Stop()
+
+
+def test_worker_aborts_after_a_base_exception_and_keeps_connection(
+        site, opened):
+    z3c.celery.CELERY.task(write_and_stop, name='t.stop', lazy=False)
+    try:
+        with pytest.raises(Stop):
+            run_in_worker('t.stop', 'k')
+        assert run_in_worker('t.record', 'a', 1) == 1
+    finally:
+        z3c.celery.CELERY.tasks.unregister('t.stop')
+    # Aborted, so the connection is clean and kept for the next task.
+    assert len(opened) == 1
+    assert read_data(site) == {'a': (1, 'zope.alice')}
+
+
+def test_worker_connection_is_released_with_the_test_cleanup(site, opened):
+    run_in_worker('t.record', 'a', 1)
+    zope.component.testing.tearDown()
+    assert opened[0].opened is None
+    zope.component.testing.setUp()
+
+
+def test_interaction_ends_and_connection_closes_when_abort_fails(
+        site, opened, caplog):
+    z3c.celery.CELERY.task(join_and_fail, name='t.badabort', lazy=False)
     try:
         result = z3c.celery.CELERY.tasks['t.badabort'].delay('k')
         with caplog.at_level(logging.ERROR):
             transaction.commit()
     finally:
-        del site.open
         z3c.celery.CELERY.tasks.unregister('t.badabort')
     assert result.state == 'FAILURE'
     assert 'Aborting the transaction failed' in caplog.text

@@ -77,15 +77,21 @@ def thread_transaction_manager(manager):
         thread_manager.manager = saved
 
 
+def root_site(connection):
+    """The root folder of *connection*'s database if it is a site."""
+    if connection is None:
+        return None
+    site = connection.root().get(ROOT_NAME)
+    if not zope.component.interfaces.ISite.providedBy(site):
+        return None
+    return site
+
+
 @contextlib.contextmanager
 def site_of(connection):
     """Set the root folder of *connection*'s database as the site."""
     saved = zope.component.hooks.getSite()
-    site = None
-    if connection is not None:
-        site = connection.root().get(ROOT_NAME)
-        if not zope.component.interfaces.ISite.providedBy(site):
-            site = None
+    site = root_site(connection)
     zope.component.hooks.setSite(site)
     try:
         yield site

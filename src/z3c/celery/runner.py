@@ -9,6 +9,7 @@ interaction ends and the connection closes whatever happens.
 """
 import contextlib
 import logging
+import threading
 
 import celery.exceptions
 import kombu.exceptions
@@ -18,6 +19,12 @@ import zope.event
 import zope.interface
 import zope.security.interfaces
 import zope.security.management
+import zope.testing.cleanup
+from zope.component.hooks import getSite
+from zope.component.hooks import setSite
+from zope.security.management import endInteraction
+from zope.security.management import newInteraction
+from zope.security.management import queryInteraction
 
 from z3c.celery import environment
 from z3c.celery import events
@@ -37,9 +44,10 @@ log = logging.getLogger(__name__)
 
 def lookup(interface, task_name):
     """The component for *task_name*: named after the task, else default."""
-    component = zope.component.queryUtility(interface, name=task_name)
+    site_manager = zope.component.getSiteManager()
+    component = site_manager.queryUtility(interface, task_name)
     if component is None:
-        component = zope.component.queryUtility(interface)
+        component = site_manager.queryUtility(interface)
     if component is None:
         component = _FALLBACKS[interface]()
     return component
@@ -81,33 +89,55 @@ class Runner:
         self.request = task.request
 
     def run(self):
+        task = self.task
         resolver = lookup(IPrincipalResolver, self.name)
-        principal = resolver.resolve(self.task, self.principal_id)
-        manager = transaction.TransactionManager()
-        db = environment.get_database(self.task.app.z3c_setting(
-            'zodb_database'))
-        connection = None
-        saved_interaction = zope.security.management.queryInteraction()
-        try:
-            if db is not None:
-                # See what the sender had committed when it sent this.
-                catch_up(db, getattr(self.request, TID_HEADER, None))
+        principal = resolver.resolve(task, self.principal_id)
+        db = environment.get_database(task.app.z3c_setting('zodb_database'))
+        seat = None
+        if db is None:
+            connection = None
+            manager = transaction.TransactionManager()
+        else:
+            # See what the sender had committed when it sent this.
+            catch_up(db, getattr(self.request, TID_HEADER, None))
+            if self.request.is_eager:
+                # In-process (inline, eager): a connection for this run.
+                manager = transaction.TransactionManager()
                 connection = db.open(transaction_manager=manager)
-            with environment.thread_transaction_manager(manager), \
-                    environment.site_of(connection):
-                zope.security.management.endInteraction()
-                if principal is None:
-                    zope.security.management.newInteraction()
-                else:
-                    zope.security.management.newInteraction(
-                        Participation(principal))
-                try:
-                    return self._attempts(manager, connection)
-                finally:
-                    zope.security.management.endInteraction()
+            else:
+                seat = _seat
+                connection, manager = seat.take(db)
+        # Inline rather than in context managers: this runs for every task.
+        thread_manager = transaction.manager
+        saved_manager = thread_manager.manager
+        saved_site = getSite()
+        saved_interaction = queryInteraction()
+        try:
+            thread_manager.manager = manager
+            setSite(environment.root_site(connection))
+            endInteraction()
+            if principal is None:
+                newInteraction()
+            else:
+                newInteraction(Participation(principal))
+            try:
+                return self._attempts(manager, connection)
+            finally:
+                endInteraction()
+                setSite(saved_site)
+                thread_manager.manager = saved_manager
         finally:
             if connection is not None:
-                _close(connection, manager)
+                if not _idle(connection):
+                    # Left by a BaseException (a timeout of gevent, say),
+                    # which the attempts let through.
+                    _abort(manager)
+                if seat is None:
+                    _close(connection, manager)
+                elif not _idle(connection):
+                    # Still joined: never reuse this connection.
+                    seat.forget()
+                    _close(connection, manager)
             if saved_interaction is not None:
                 # In-process modes run inside the caller's interaction.
                 zope.security.management.thread_local.interaction = \
@@ -244,6 +274,65 @@ def _abort(manager):
         manager.abort()
     except Exception:
         log.exception('Aborting the transaction failed')
+
+
+class Seat(threading.local):
+    """The ZODB connection a worker thread keeps from one task to the next.
+
+    Opening and closing a connection for every task costs more than a
+    no-op task itself; a worker's thread (the one of a prefork child,
+    each of the ``threads`` pool) runs one task at a time, so it keeps one
+    connection, with a transaction manager of its own, as long as the
+    database is the same and the connection is left idle (no transaction
+    joined).  Each task still begins its own transaction, which brings
+    the connection up to date.  In-process runs (inline, eager) open a
+    connection per run instead.
+    """
+
+    def __init__(self):
+        self.db = self.connection = self.manager = None
+
+    def take(self, db):
+        """The connection and transaction manager for a task on *db*."""
+        if self.db is not db or self.connection is None or \
+                self.connection.opened is None:
+            self.release()
+            manager = transaction.TransactionManager()
+            self.connection = db.open(transaction_manager=manager)
+            self.manager = manager
+            self.db = db
+        return self.connection, self.manager
+
+    def forget(self):
+        """Drop the connection without closing it (the caller does)."""
+        self.db = self.connection = self.manager = None
+
+    def release(self):
+        """Close the connection kept, if any."""
+        connection = self.connection
+        self.forget()
+        if connection is not None and connection.opened is not None:
+            # Its database may be closed already: then there is nothing
+            # left to give the connection back to.
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+_seat = Seat()
+zope.testing.cleanup.addCleanUp(lambda: _seat.release())
+
+
+def release_connection():
+    """Close the connection this thread keeps for tasks (if any).
+
+    Called before the worker closes its databases.
+    """
+    _seat.release()
+
+
+def _idle(connection):
+    # What ``Connection.close`` insists on: joined to no transaction.
+    return connection._needs_to_join and not connection._registered_objects
 
 
 def _close(connection, manager):

@@ -144,6 +144,8 @@ def close_databases():
     databases, _state.databases, _state.main = _state.databases, None, None
     if not databases:
         return
+    from z3c.celery.runner import release_connection
+    release_connection()
     environment.set_database(None)
     gsm = zope.component.getGlobalSiteManager()
     for name, db in databases.items():
