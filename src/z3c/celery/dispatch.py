@@ -235,6 +235,22 @@ def _batch(producer):
         else contextlib.nullcontext()
 
 
+def _result_cls(message):
+    """What ``send_task`` should make the message's result object of.
+
+    The result ``delay()`` returned, when there is one: a result backend
+    that pushes results (Redis) subscribes to the task's result when it is
+    sent, until the result object is dropped.  With a result object of its
+    own that ``send_task`` would make and we would drop at once, the
+    subscription would end right away, and a caller waiting on the result
+    of ``delay()`` would have to subscribe again.
+    """
+    result = message.result
+    if result is None:
+        return None
+    return lambda task_id: result
+
+
 def publish(app, messages, producer=None, **send_options):
     """Publish *messages* through one producer; return those not sent.
 
@@ -270,7 +286,7 @@ def publish(app, messages, producer=None, **send_options):
                             message.name, message.args,
                             message.message_kwargs,
                             task_id=message.task_id, producer=producer,
-                            **options)
+                            result_cls=_result_cls(message), **options)
                     current = None
                 sent += len(chunk)
                 for message in chunk:
