@@ -355,6 +355,28 @@ def test_events_follow_the_life_of_a_task(site, captured_events):
     assert captured_events[0].task_id == result.id
 
 
+def test_component_handlers_get_events_also_registered_late(site):
+    """Nobody listening is remembered only until the registry changes."""
+    from z3c.celery.interfaces import ITaskStartedEvent
+    from z3c.celery.interfaces import ITaskSucceededEvent
+    task('t.record').delay('a', 1)
+    transaction.commit()                 # nobody listens yet
+    seen = []
+    zope.component.provideHandler(
+        lambda event: seen.append(event), [ITaskStartedEvent])
+    result = task('t.record').delay('b', 2)
+    transaction.commit()
+    assert [(type(e).__name__, e.task_id) for e in seen] == [
+        ('TaskStarted', result.id)]
+    zope.component.provideHandler(
+        lambda event: seen.append(event.info['result']),
+        [ITaskSucceededEvent])
+    task('t.record').delay('c', 3)
+    transaction.commit()
+    assert seen[1:] == [seen[1], 3] and type(seen[1]).__name__ == \
+        'TaskStarted'
+
+
 def test_backoff_grows_with_jitter_and_respects_limit():
     class Task:
         max_retries = 4

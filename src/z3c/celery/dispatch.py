@@ -17,7 +17,6 @@ import kombu.serialization
 import transaction
 import transaction.interfaces
 import zope.component
-import zope.event
 import zope.interface
 
 from z3c.celery import events
@@ -160,7 +159,7 @@ def current_queue(app, create=True):
 def queue_message(app, message):
     """Queue *message* in the current transaction."""
     current_queue(app).add(message)
-    zope.event.notify(events.TaskQueued(message))
+    events.notify(events.TaskQueued, message)
 
 
 def queued_messages(app=None):
@@ -290,7 +289,7 @@ def publish(app, messages, producer=None, **send_options):
                     current = None
                 sent += len(chunk)
                 for message in chunk:
-                    zope.event.notify(events.TaskSent(message))
+                    events.notify(events.TaskSent, message)
     except Exception as error:
         unsent.error = error
         unsent.culprit = current
@@ -362,7 +361,7 @@ class InlineDispatcher:
             outcome = task.apply(
                 args, kwargs, task_id=message.task_id, throw=False,
                 **_apply_options(message.options))
-            zope.event.notify(events.TaskSent(message))
+            events.notify(events.TaskSent, message)
             if message.result is not None:
                 message.result.set_outcome(outcome)
             if outcome.failed():

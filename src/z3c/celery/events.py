@@ -1,7 +1,61 @@
 """Events fired through ``zope.event`` along a task's life."""
+import zope.component
+import zope.component.event
+import zope.event
 import zope.interface
 
 from z3c.celery import interfaces
+
+
+class _Answers:
+    """What `listened` found for the registries as they were."""
+
+    registry = None
+    generations = None
+    by_class = {}
+
+
+_answers = _Answers()
+
+
+def listened(event_class):
+    """Whether an event of *event_class* may reach anybody now.
+
+    True unless the only ``zope.event`` subscriber is zope.component's
+    dispatcher and the current site manager (with its bases) has no
+    handler for the event's interfaces.  The answer is kept until a
+    registry of the site manager's chain changes (their generation
+    counters tell), so that a run of tasks nobody listens to does not pay
+    for two component look-ups each.
+    """
+    subscribers = zope.event.subscribers
+    if not subscribers:
+        return False
+    if len(subscribers) > 1 or \
+            subscribers[0] is not zope.component.event.dispatch:
+        return True
+    registry = zope.component.getSiteManager().adapters
+    try:
+        generations = [r._generation for r in registry.ro]
+    except AttributeError:      # not a zope.interface adapter registry
+        return True
+    answers = _answers
+    if answers.registry is not registry or \
+            answers.generations != generations:
+        answers.registry = registry
+        answers.generations = generations
+        answers.by_class = {}
+    answer = answers.by_class.get(event_class)
+    if answer is None:
+        answer = answers.by_class[event_class] = bool(registry.subscriptions(
+            [zope.interface.implementedBy(event_class)], None))
+    return answer
+
+
+def notify(event_class, *args, **kw):
+    """Create and send an event of *event_class* if anybody may get it."""
+    if listened(event_class):
+        zope.event.notify(event_class(*args, **kw))
 
 
 class _TaskEvent:

@@ -15,7 +15,6 @@ import celery.exceptions
 import kombu.exceptions
 import transaction
 import zope.component
-import zope.event
 import zope.interface
 import zope.security.interfaces
 import zope.security.management
@@ -144,7 +143,7 @@ class Runner:
                     saved_interaction
 
     def _attempts(self, manager, connection):
-        policy = lookup(IConflictPolicy, self.name)
+        policy = None     # looked up when needed: most runs never need it
         retries = self.request.retries or 0
         while True:
             try:
@@ -154,6 +153,8 @@ class Runner:
                 return markers.skip(self.task, done)
             except Exception as error:
                 _abort(manager)
+                if policy is None:
+                    policy = lookup(IConflictPolicy, self.name)
                 if not policy.is_conflict(error):
                     self._after_abort(manager, policy, error)
                     if isinstance(error, Abort):
@@ -235,8 +236,8 @@ class Runner:
                           self.name, self.request.id)
 
     def _notify(self, event_class, **info):
-        zope.event.notify(event_class(
-            self.name, self.request.id, self.principal_id, **info))
+        events.notify(event_class, self.name, self.request.id,
+                      self.principal_id, **info)
 
 
 def run_in_transaction(manager, policy, task, func):
