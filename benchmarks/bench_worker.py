@@ -210,6 +210,11 @@ def noop_benchmark(redis, zeo, tmp):
         # Warm up both (pool processes, connections, caches).
         wait_all(send_plain(WARMUP))
         wait_all(send_z3c(WARMUP))
+        started = {'plain': plain, 'z3c': zope_worker}
+        # CPU per task of each round: the probe lines it added to the log.
+        seen = {name: len(probe_figures(worker.log())[0])
+                for name, worker in started.items()}
+        round_cpu = {'plain': [], 'z3c': []}
         for round_ in range(ROUNDS):
             order = [('plain', send_plain), ('z3c', send_z3c)]
             if round_ % 2:
@@ -217,8 +222,14 @@ def noop_benchmark(redis, zeo, tmp):
             for name, send in order:
                 seconds, _ = drain(lambda: send(NOOPS))
                 rates[name].append(NOOPS / seconds)
+                cpu = probe_figures(started[name].log())[0]
+                round_cpu[name].append(statistics.mean(
+                    cpu[seen[name]:] or cpu[-1:]))
+                seen[name] = len(cpu)
                 print(f'   round {round_ + 1} {name}: '
-                      f'{NOOPS / seconds:.0f} tasks/s', flush=True)
+                      f'{NOOPS / seconds:.0f} tasks/s, '
+                      f'{round_cpu[name][-1]:.3f} CPU ms per task',
+                      flush=True)
         plain_times = succeeded_times(plain.log(), 'plain.noop',
                                       NOOPS * ROUNDS)
         z3c_times = succeeded_times(zope_worker.log(), 't.noop',
@@ -233,6 +244,8 @@ def noop_benchmark(redis, zeo, tmp):
         'plain_rate': median(rates['plain']),
         'z3c_rate': median(rates['z3c']),
         'ratio': paired_median(rates['z3c'], rates['plain']),
+        'extra_cpu_ms': median([z - p for z, p in zip(round_cpu['z3c'],
+                                                     round_cpu['plain'])]),
         'plain_ms': median(plain_times),
         'z3c_ms': median(z3c_times),
     }
@@ -334,7 +347,7 @@ def conflict_benchmark(redis, zeo, tmp):
 
 def report(noop, marker, conflict):
     rate_ratio = noop['ratio']
-    extra_ms = noop['z3c_cpu_ms'] - noop['plain_cpu_ms']
+    extra_ms = noop['extra_cpu_ms']
     marker_cost = 1 - marker['ratio']
     drain_ratio = conflict['ratio']
 
@@ -373,7 +386,9 @@ def report(noop, marker, conflict):
         'CPU ms: CPU time of the pool process from Celery\'s '
         '`task_prerun` to its `task_postrun` signal (the task call and '
         'storing its result), mean per task; medians of the means of '
-        f'{PROBE_EVERY} tasks.  Wall times also count the time a process '
+        f'{PROBE_EVERY} tasks; the difference is the median of the '
+        'differences within each round.  Wall times also count the time a '
+        'process '
         'waited for one of the 2 cores, shared by 2 pool processes, the '
         'worker, Redis, the ZEO server and this process.',
         '',

@@ -9,6 +9,8 @@ import zope.testing.cleanup
 
 log = logging.getLogger(__name__)
 
+_MISSING = object()
+
 #: Settings of ours that live in the Celery configuration next to Celery's
 #: own, with their defaults.  ``<celery:config>`` accepts each of them.
 Z3C_DEFAULTS = {
@@ -64,13 +66,31 @@ class ZopeCelery(celery.Celery):
         """Return one of our settings (see `Z3C_DEFAULTS`)."""
         # Read several times per task run: a plain look-up in each layer
         # (changes, celeryconfig, Celery's defaults) costs a fraction of
-        # Settings.get, which also tries Celery's old setting names.
+        # Settings.get, which also tries Celery's old setting names; and
+        # no KeyError raised per layer that lacks it.
         for layer in self.conf.maps:
-            try:
-                return layer[name]
-            except KeyError:
-                pass
+            value = layer.get(name, _MISSING)
+            if value is not _MISSING:
+                return value
         return Z3C_DEFAULTS[name]
+
+    def z3c_settings(self, *names):
+        """Several of our settings at once, in a tuple (one pass)."""
+        values = dict.fromkeys(names, _MISSING)
+        missing = len(names)
+        for layer in self.conf.maps:
+            for name in names:
+                if values[name] is _MISSING:
+                    value = layer.get(name, _MISSING)
+                    if value is not _MISSING:
+                        values[name] = value
+                        missing -= 1
+            if not missing:
+                break
+        for name in names:
+            if values[name] is _MISSING:
+                values[name] = Z3C_DEFAULTS[name]
+        return tuple(values.values())
 
     def send_task(self, name, args=None, kwargs=None, **options):
         """Celery's ``send_task``, with our message headers.

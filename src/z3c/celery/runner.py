@@ -62,36 +62,52 @@ class Participation:
         self.principal = principal
 
 
+#: The settings a run reads, in one pass.
+_SETTINGS = ('signing_secret', 'zodb_database', 'done_markers',
+             'done_marker_retention')
+
+
 def run(task, args, kwargs):
     """Entry point from ``TransactionAwareTask.__call__``."""
-    if not task.request.called_directly:
+    request = task.request
+    if request.called_directly:
+        kwargs.pop('_principal_id_', None)
+        kwargs.pop('_task_id_', None)
+        kwargs.pop('_run_asynchronously_', None)
+        return task.run(*args, **kwargs)
+    settings = task.app.z3c_settings(*_SETTINGS)
+    secret = settings[0]
+    if secret and not request.is_eager:
         # First of all: a message refused for its signature runs nothing.
-        signing.check_request(task, args, kwargs)
+        # (In-process runs did not travel through a broker.)
+        signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
     # 1.x messages still in a queue after the upgrade carry these too.
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
-    if task.request.called_directly:
-        return task.run(*args, **kwargs)
-    return Runner(task, args, kwargs, principal_id).run()
+    return Runner(task, args, kwargs, principal_id, request, settings).run()
 
 
 class Runner:
     """One execution of one task message."""
 
-    def __init__(self, task, args, kwargs, principal_id):
+    def __init__(self, task, args, kwargs, principal_id, request=None,
+                 settings=None):
         self.task = task
         self.args = args
         self.kwargs = kwargs
         self.principal_id = principal_id
         self.name = task.name
-        self.request = task.request
+        self.request = task.request if request is None else request
+        if settings is None:
+            settings = task.app.z3c_settings(*_SETTINGS)
+        _, self.database_name, self.done_markers, self.retention = settings
 
     def run(self):
         task = self.task
         resolver = lookup(IPrincipalResolver, self.name)
         principal = resolver.resolve(task, self.principal_id)
-        db = environment.get_database(task.app.z3c_setting('zodb_database'))
+        db = environment.get_database(self.database_name)
         seat = None
         if db is None:
             connection = None
@@ -217,11 +233,10 @@ class Runner:
 
         Returns ``None`` when this run takes no done-marker.
         """
-        app = self.task.app
         if connection is None or not self.request.id or \
-                not app.z3c_setting('done_markers'):
+                not self.done_markers:
             return None
-        retention = app.z3c_setting('done_marker_retention')
+        retention = self.retention
         when = markers.done_at(connection, self.request.id, retention)
         if when is not None:
             raise markers.AlreadyDone(self.name, self.request.id, when)

@@ -142,15 +142,3 @@ def verify(secret, task_name, request, args, kwargs):
                                  'match the message')
     log.error('%s', error)
     raise error
-
-
-def check_request(task, args, kwargs):
-    """The runner's check: verify when a secret is configured.
-
-    In-process runs (inline and eager modes) did not travel through a
-    broker and are not checked.
-    """
-    secret = task.app.z3c_setting('signing_secret')
-    if not secret or task.request.is_eager:
-        return
-    verify(secret, task.name, task.request, args, kwargs)
