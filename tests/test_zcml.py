@@ -107,6 +107,25 @@ def test_config_from_file_and_module_attributes_win(load_zcml, tmp_path):
     assert conf.task_default_priority == 4        # only in the module
 
 
+def test_our_settings_come_from_zcml_then_celeryconfig_then_defaults(
+        load_zcml):
+    from z3c.celery.app import Z3C_DEFAULTS
+    app = z3c.celery.CELERY
+    load_zcml('<celery:config done_marker_retention="60" '
+              'conflict_backoff_cap="2.5" />')
+    # A celeryconfig layer under the ZCML one (as --config would load).
+    celeryconfig = {'done_markers': False, 'conflict_backoff_cap': 3.0}
+    app.conf.maps.append(celeryconfig)
+    try:
+        names = ('done_marker_retention', 'conflict_backoff_cap',
+                 'done_markers', 'signing_secret')
+        expected = (60, 2.5, False, Z3C_DEFAULTS['signing_secret'])
+        assert app.z3c_settings(*names) == expected
+        assert tuple(app.z3c_setting(name) for name in names) == expected
+    finally:
+        app.conf.maps.remove(celeryconfig)
+
+
 def test_configuration_is_reset_by_cleanup(load_zcml):
     load_zcml('<celery:config task_default_queue="temporary" />')
     assert z3c.celery.CELERY.conf.task_default_queue == 'temporary'
