@@ -202,8 +202,9 @@ class Runner:
         comes back once the broker does.
         """
         try:
-            raise self.task.retry(
-                countdown=countdown, exc=error, _z3c_direct=True)
+            retry = self.task.retry(
+                countdown=countdown, exc=error, throw=False,
+                _z3c_direct=True)
         except celery.exceptions.Reject as reject:
             if not _is_connection_error(self.task.app, reject.reason):
                 raise
@@ -212,6 +213,10 @@ class Runner:
                         self.request.id, reject.reason)
             raise celery.exceptions.Reject(
                 reject.reason, requeue=True) from error
+        # Without the conflict's own traceback (the error travels in the
+        # Retry): the worker formats and stores every traceback it gets,
+        # which for a conflict deep in a commit cost as much as the task.
+        raise retry from None
 
     def _attempt(self, manager, connection):
         txn = manager.begin()
