@@ -54,7 +54,7 @@ from tests import workers  # noqa: E402
 NOOPS = 1000
 WRITES = 1000
 INCREMENTS = 200
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", 5))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 7))
 WARMUP = 200
 
 PLAIN_APP = '''\
