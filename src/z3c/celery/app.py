@@ -75,22 +75,8 @@ class ZopeCelery(celery.Celery):
         return Z3C_DEFAULTS[name]
 
     def z3c_settings(self, *names):
-        """Several of our settings at once, in a tuple (one pass)."""
-        values = dict.fromkeys(names, _MISSING)
-        missing = len(names)
-        for layer in self.conf.maps:
-            for name in names:
-                if values[name] is _MISSING:
-                    value = layer.get(name, _MISSING)
-                    if value is not _MISSING:
-                        values[name] = value
-                        missing -= 1
-            if not missing:
-                break
-        for name in names:
-            if values[name] is _MISSING:
-                values[name] = Z3C_DEFAULTS[name]
-        return tuple(values.values())
+        """Several of our settings at once, in a tuple."""
+        return tuple(self.z3c_setting(name) for name in names)
 
     def send_task(self, name, args=None, kwargs=None, **options):
         """Celery's ``send_task``, with our message headers.

@@ -62,7 +62,7 @@ class Participation:
         self.principal = principal
 
 
-#: The settings a run reads, in one pass.
+#: The settings a run reads.
 _SETTINGS = ('signing_secret', 'zodb_database', 'done_markers',
              'done_marker_retention')
 
@@ -70,37 +70,32 @@ _SETTINGS = ('signing_secret', 'zodb_database', 'done_markers',
 def run(task, args, kwargs):
     """Entry point from ``TransactionAwareTask.__call__``."""
     request = task.request
-    if request.called_directly:
-        kwargs.pop('_principal_id_', None)
-        kwargs.pop('_task_id_', None)
-        kwargs.pop('_run_asynchronously_', None)
-        return task.run(*args, **kwargs)
-    settings = task.app.z3c_settings(*_SETTINGS)
-    secret = settings[0]
-    if secret and not request.is_eager:
-        # First of all: a message refused for its signature runs nothing.
-        # (In-process runs did not travel through a broker.)
-        signing.verify(secret, task.name, request, args, kwargs)
+    if not request.called_directly:
+        settings = task.app.z3c_settings(*_SETTINGS)
+        secret = settings[0]
+        if secret and not request.is_eager:
+            # First of all: a message refused for its signature runs
+            # nothing.  (In-process runs did not travel through a broker.)
+            signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
     # 1.x messages still in a queue after the upgrade carry these too.
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
+    if request.called_directly:
+        return task.run(*args, **kwargs)
     return Runner(task, args, kwargs, principal_id, request, settings).run()
 
 
 class Runner:
     """One execution of one task message."""
 
-    def __init__(self, task, args, kwargs, principal_id, request=None,
-                 settings=None):
+    def __init__(self, task, args, kwargs, principal_id, request, settings):
         self.task = task
         self.args = args
         self.kwargs = kwargs
         self.principal_id = principal_id
         self.name = task.name
-        self.request = task.request if request is None else request
-        if settings is None:
-            settings = task.app.z3c_settings(*_SETTINGS)
+        self.request = request
         _, self.database_name, self.done_markers, self.retention = settings
 
     def run(self):
