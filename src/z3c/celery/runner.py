@@ -1,11 +1,14 @@
 """Worker side: run one task in the Zope environment.
 
 For each run the runner looks the components up (a utility named after
-the task wins over the unnamed default), resolves the principal, opens a
-ZODB connection with a transaction manager of its own, sets the root site,
-begins a transaction, runs the task and commits.  Conflicts go to the
-`IConflictPolicy`, other errors to the `IAfterAbortHandler`.  The
-interaction ends and the connection closes whatever happens.
+the task wins over the unnamed default), resolves the principal, takes a
+ZODB connection with a transaction manager of its own (a worker thread
+keeps one from task to task, see `Seat`; in-process runs open one), sets
+the root site, begins a transaction, runs the task and commits.
+Conflicts go to the `IConflictPolicy`, other errors to the
+`IAfterAbortHandler`.  The interaction ends whatever happens; what is
+left of a transaction is aborted, and a connection still joined to one is
+closed, never kept.
 """
 import contextlib
 import logging
