@@ -221,16 +221,21 @@ def test_marker_written_by_a_later_commit_hook_counts(inline):
     workers.prepare_database(db)
     manager = transaction.TransactionManager()
     conn = db.open(transaction_manager=manager)
+    thread_manager = transaction.manager
+    saved = thread_manager.manager
     try:
         txn = manager.begin()
-        with environment.site_of(conn), \
-                environment.thread_transaction_manager(manager):
-            writes_in_hook()     # the task only queued something
-            markers.mark_at_commit(txn, conn, 'hooked', 100)
-            manager.commit()
+        # As the runner does: the task's manager and site for the thread.
+        thread_manager.manager = manager
+        zope.component.hooks.setSite(environment.root_site(conn))
+        writes_in_hook()     # the task only queued something
+        markers.mark_at_commit(txn, conn, 'hooked', 100)
+        manager.commit()
         manager.begin()
         assert markers.done_at(conn, 'hooked', 100) is not None
     finally:
+        zope.component.hooks.setSite(None)
+        thread_manager.manager = saved
         conn.close()
         db.close()
 

@@ -5,12 +5,8 @@ process that runs under zope.app.appsetup has its databases registered as
 ``IDatabase`` utilities, which are found without any call here.  Tests set
 one with `set_database`.
 """
-import contextlib
-
-import transaction
 import ZODB.interfaces
 import zope.component
-import zope.component.hooks
 import zope.component.interfaces
 import zope.testing.cleanup
 
@@ -59,24 +55,6 @@ def _reset():
 zope.testing.cleanup.addCleanUp(_reset)
 
 
-@contextlib.contextmanager
-def thread_transaction_manager(manager):
-    """Make *manager* the current thread's transaction manager for a while.
-
-    The runner gives each task a transaction manager of its own, also when
-    it runs in-process right after the caller's commit (inline and eager
-    modes), so that ``transaction.get()`` in task code is the task's
-    transaction, exactly as in a worker.
-    """
-    thread_manager = transaction.manager
-    saved = thread_manager.manager
-    thread_manager.manager = manager
-    try:
-        yield manager
-    finally:
-        thread_manager.manager = saved
-
-
 def root_site(connection):
     """The root folder of *connection*'s database if it is a site."""
     if connection is None:
@@ -85,15 +63,3 @@ def root_site(connection):
     if not zope.component.interfaces.ISite.providedBy(site):
         return None
     return site
-
-
-@contextlib.contextmanager
-def site_of(connection):
-    """Set the root folder of *connection*'s database as the site."""
-    saved = zope.component.hooks.getSite()
-    site = root_site(connection)
-    zope.component.hooks.setSite(site)
-    try:
-        yield site
-    finally:
-        zope.component.hooks.setSite(saved)
