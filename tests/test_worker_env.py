@@ -1,10 +1,14 @@
 """In-process parts of the worker: zope.conf loading, databases, the
 bootstep's settings, and done-markers run through the runner (inline)."""
 import sys
+import time
 
+import celery
+import persistent.mapping
 import pytest
 import transaction
 import ZODB
+import ZODB.POSException
 import ZODB.interfaces
 import zope.component
 import zope.component.hooks
@@ -293,3 +297,154 @@ def test_commit_token_and_catch_up_over_zeo(tmp_path, zca):
 
 def test_no_database_no_token(zca):
     assert worker.commit_token(z3c.celery.CELERY) is None
+
+
+# Partitions: a first delivery marks in its process's own partition and
+# looks only in the shared one; a run that may repeat one looks everywhere
+# and marks in the shared one.  Both kinds at the same time conflict.
+
+DAY = 86400
+
+
+@pytest.fixture
+def fs_db(tmp_path):
+    """A FileStorage database, and a connection factory with own managers."""
+    db = ZODB.DB(str(tmp_path / 'Markers.fs'))
+    with db.transaction() as conn:
+        for slot in SLOTS:
+            conn.root()[slot] = persistent.mapping.PersistentMapping()
+        # The steady state: this generation and our partition exist.
+        markers.mark_done(conn, 'earlier', DAY, shared=False)
+    opened = []
+
+    def open_connection():
+        manager = transaction.TransactionManager()
+        conn = db.open(transaction_manager=manager)
+        opened.append(conn)
+        manager.begin()
+        return conn
+    yield open_connection
+    for conn in opened:
+        conn.transaction_manager.abort()
+        conn.close()
+    db.close()
+
+
+#: Objects the tasks of the tests write to, one each: they conflict only
+#: through their markers.
+SLOTS = ('a', 'b', 'c', 'd')
+
+
+def write_and_mark(conn, task_id, shared, slot='a'):
+    """A task's write and its marker, in *conn*'s transaction."""
+    conn.root()[slot][task_id] = 1
+    markers.mark_done(conn, task_id, DAY, shared=shared)
+
+
+def test_a_first_delivery_marks_in_its_own_partition(fs_db):
+    conn = fs_db()
+    write_and_mark(conn, 'first', shared=False)
+    conn.transaction_manager.commit()
+    partitions = markers.container(conn)[markers.generation(
+        time.time(), DAY)]
+    assert 'first' in partitions[markers.partition_name()]
+    assert 'first' not in partitions[markers.shard_name('first')]
+    # Found by a run that may repeat it, not by another first delivery.
+    assert markers.done_at(conn, 'first', DAY, everywhere=True)
+    assert markers.done_at(conn, 'first', DAY, everywhere=False) is None
+
+
+def test_a_first_delivery_finds_a_repeated_run_marker(fs_db):
+    conn = fs_db()
+    write_and_mark(conn, 'again', shared=True)
+    conn.transaction_manager.commit()
+    assert markers.done_at(conn, 'again', DAY, everywhere=False)
+
+
+def test_marking_an_id_twice_in_one_partition_is_already_done(fs_db):
+    conn = fs_db()
+    write_and_mark(conn, 'twice', shared=False)
+    conn.transaction_manager.commit()
+    with pytest.raises(markers.AlreadyDone):
+        write_and_mark(conn, 'twice', shared=False)
+
+
+@pytest.mark.parametrize('first_commits', ['first delivery', 'repeated'])
+def test_both_kinds_of_run_of_one_message_at_once_conflict(
+        fs_db, first_commits):
+    """Whichever commits second gets a conflict (and is retried)."""
+    first, repeated = fs_db(), fs_db()
+    # Both looked and found nothing.
+    assert markers.done_at(first, 'same', DAY, everywhere=False) is None
+    assert markers.done_at(repeated, 'same', DAY, everywhere=True) is None
+    write_and_mark(first, 'same', shared=False, slot='a')
+    write_and_mark(repeated, 'same', shared=True, slot='b')
+    winner, loser = (first, repeated) if first_commits == 'first delivery' \
+        else (repeated, first)
+    winner.transaction_manager.commit()
+    with pytest.raises(ZODB.POSException.ConflictError):
+        loser.transaction_manager.commit()
+    loser.transaction_manager.abort()
+    # Retried, the loser finds the winner's marker.
+    loser.transaction_manager.begin()
+    assert markers.done_at(loser, 'same', DAY, everywhere=True)
+
+
+def test_different_messages_at_once_do_not_conflict(fs_db, monkeypatch):
+    first, other_process, repeated = fs_db(), fs_db(), fs_db()
+    # (Different shards: a repeated run's marker conflicts only with first
+    # deliveries of its shard, one in markers.SHARDS.)
+    assert markers.shard_name('one') != markers.shard_name('three')
+    write_and_mark(first, 'one', shared=False, slot='b')
+    monkeypatch.setattr(markers, 'partition_name', lambda: 'host:other')
+    write_and_mark(other_process, 'two', shared=False, slot='c')
+    write_and_mark(repeated, 'three', shared=True, slot='d')
+    for conn in (repeated, first, other_process):
+        conn.transaction_manager.commit()
+    conn.transaction_manager.begin()
+    assert all(markers.done_at(conn, task_id, DAY)
+               for task_id in ('one', 'two', 'three'))
+
+
+def request(**info):
+    from celery.app.task import Context
+    values = dict(retries=0, is_eager=False,
+                  delivery_info={'redelivered': False})
+    values.update(info)
+    return Context(**values)
+
+
+class FakeTask:
+    def __init__(self, broker_url):
+        self.app = celery.Celery(broker=broker_url, set_as_current=False)
+
+
+@pytest.mark.parametrize('info, expected', [
+    ({}, False),
+    ({'retries': 1}, True),
+    ({'is_eager': True}, True),
+    ({'delivery_info': {'redelivered': True}}, True),
+    ({'redelivered': True}, True),
+    ({markers.RESENT_HEADER: True}, True),
+])
+def test_which_runs_may_repeat_an_earlier_delivery(info, expected):
+    task = FakeTask('redis://127.0.0.1:1/0')
+    assert markers.maybe_repeated(task, request(**info)) is expected
+
+
+@pytest.mark.parametrize('url, expected', [
+    ('redis://127.0.0.1:1/0', False),
+    ('sentinel://127.0.0.1:1;sentinel://127.0.0.1:2', False),
+    ('amqp://guest@127.0.0.1//', False),
+    ('sqs://', True),
+    ('redis://127.0.0.1:1/0;sqs://', True),
+    ('filesystem://', True),
+])
+def test_brokers_that_do_not_flag_redeliveries_always_look(url, expected):
+    assert markers.maybe_repeated(FakeTask(url), request()) is expected
+
+
+def test_signed_messages_always_look(fs_db):
+    """A replayed signed message may have lost its flags."""
+    task = FakeTask('redis://127.0.0.1:1/0')
+    assert markers.maybe_repeated(task, request(), secret='s3cret')

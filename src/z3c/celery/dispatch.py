@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 
+import celery.signals
 import kombu.serialization
 import transaction
 import transaction.interfaces
@@ -21,6 +22,7 @@ import zope.interface
 
 from z3c.celery import events
 from z3c.celery.interfaces import IDispatcher
+from z3c.celery.markers import RESENT_HEADER
 
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,44 @@ def _result_cls(message):
     return lambda task_id: result
 
 
+class _Publishing(threading.local):
+    active = False
+
+
+_publishing = _Publishing()
+
+
+@celery.signals.before_task_publish.connect(weak=False)
+def _flag_publish_retries(headers=None, retry_policy=None, **kw):
+    """Flag a message whose publishing kombu tries again.
+
+    The first attempt may have reached the broker although it reported an
+    error (a connection lost before the reply): the worker must then look
+    for the done-marker of the second copy everywhere.  kombu calls the
+    retry policy's ``errback`` before each new attempt, which prepares
+    the message again from these same headers.  Only for `publish`.
+    """
+    if not _publishing.active or headers is None or retry_policy is None:
+        return
+    theirs = retry_policy.get('errback')
+
+    def errback(exc, interval):
+        headers[RESENT_HEADER] = True
+        if theirs is not None:
+            theirs(exc, interval)
+    errback.z3c = True
+    retry_policy['errback'] = errback
+
+
+def _forget_errback(producer):
+    # kombu also copies the retry policy into the connection's transport
+    # options, which outlive this publish.
+    options = getattr(getattr(producer, 'connection', None),
+                      'transport_options', None)
+    if options and getattr(options.get('errback'), 'z3c', False):
+        del options['errback']
+
+
 def publish(app, messages, producer=None, **send_options):
     """Publish *messages* through one producer; return those not sent.
 
@@ -271,6 +311,7 @@ def publish(app, messages, producer=None, **send_options):
         return unsent
     sent = 0
     current = None
+    _publishing.active = True
     try:
         with app.producer_or_acquire(producer) as producer:
             for start in range(0, len(messages), PUBLISH_CHUNK):
@@ -290,11 +331,14 @@ def publish(app, messages, producer=None, **send_options):
                 sent += len(chunk)
                 for message in chunk:
                     events.notify(events.TaskSent, message)
+            _forget_errback(producer)
     except Exception as error:
         unsent.error = error
         unsent.culprit = current
         log.debug('Publishing failed after %d of %d message(s)',
                   sent, len(messages), exc_info=True)
+    finally:
+        _publishing.active = False
     counters.add('sent', sent)
     del unsent[:sent]
     return unsent

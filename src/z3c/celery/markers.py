@@ -6,25 +6,42 @@ be delivered again; an outbox relay may also send a message a second time.
 To make that harmless the runner commits a marker for the task id in the
 *same transaction* as the task's writes, and skips a task whose id is
 marked.  A transaction that writes nothing gets no marker: there is no
-ZODB effect to protect, and such tasks pay nothing but the look-up.
+ZODB effect to protect.
 
 Layout (in the root of the tasks' database, under `CONTAINER_KEY`): an
-``LOBTree`` of generations, each an ``OLBTree`` mapping task id to the
-time of the commit.  A generation covers one retention period
+``LOBTree`` of generations; each generation is an ``OOBTree`` of
+*partitions*, each an ``OLBTree`` mapping task id to the time of the
+commit.  A generation covers one retention period
 (``done_marker_retention`` seconds); the current and the previous one are
 consulted, older ones are dropped whole when a new one begins.  So a
-marker lives between one and two retention periods, lookups cost two
-B-tree searches and pruning never walks the markers.  Task ids are
-random, so concurrent markers land in different buckets or are merged by
-the B-trees' conflict resolution.
+marker lives between one and two retention periods and pruning never
+walks the markers.
+
+Partitions keep the markers of concurrent workers apart.  A process
+marks the first delivery of a message in a partition of its own (named
+after host and pid, see `partition_name`), which nobody else writes to:
+its B-tree buckets stay in the process's ZODB cache, instead of being
+invalidated by every other worker's markers and loaded again from the
+server for the next task, which a single shared tree cost.  A first
+delivery only looks in the *shared* partition (its shard for the task
+id, see `shard_name`), where runs of messages that may have been
+delivered before (`maybe_repeated`) put their markers; those runs look in
+every partition.  Both kinds read the other
+kind's place "as current" (``readCurrent``), so that when the two run at
+the same time one of them ends in a conflict, is retried, and then finds
+the marker of the other.
 """
 import logging
+import os
+import socket
 import time
+import zlib
 
 import celery.exceptions
 import celery.states
 from BTrees.LOBTree import LOBTree
 from BTrees.OLBTree import OLBTree
+from BTrees.OOBTree import OOBTree
 from ZODB.Connection import Connection
 
 
@@ -32,6 +49,87 @@ log = logging.getLogger(__name__)
 
 #: Key of the markers in the ZODB root.
 CONTAINER_KEY = 'z3c.celery.done_markers'
+
+#: The shared partition (of runs that may repeat an earlier delivery) is
+#: split by task id into this many shards, so that a first delivery,
+#: which reads its shard as current, conflicts only with markers of the
+#: same shard.
+SHARDS = 64
+_SHARD_NAMES = [f'~{number:02d}' for number in range(SHARDS)]
+
+
+def shard_name(task_id):
+    """The shard of the shared partition that holds *task_id*."""
+    return _SHARD_NAMES[zlib.crc32(task_id.encode()) % SHARDS]
+
+
+def _is_shard(name):
+    return name[:1] == '~'
+
+#: Broker URL schemes whose transports flag a message delivered again
+#: (``delivery_info['redelivered']``): the Redis transport when it
+#: restores an unacknowledged message, AMQP brokers for every redelivery.
+#: With other transports every run looks in all partitions.
+FLAGGING_SCHEMES = frozenset({
+    'redis', 'rediss', 'sentinel', 'amqp', 'amqps', 'pyamqp',
+    'librabbitmq'})
+
+#: Message header the outbox relay and publishing retries set on a
+#: message that may have left before.
+RESENT_HEADER = 'z3c_resent'
+
+
+class _Partition:
+    pid = None
+    name = None
+
+
+_partition = _Partition()
+
+
+def partition_name():
+    """This process's partition: ``host:pid`` (new after a fork)."""
+    pid = os.getpid()
+    if _partition.pid != pid:
+        _partition.name = f'{socket.gethostname()}:{pid}'
+        _partition.pid = pid
+    return _partition.name
+
+
+_flagging = {}
+
+
+def transport_flags_redeliveries(app):
+    """Whether *app*'s broker flags the messages it delivers again."""
+    conf = app.conf
+    url = conf.broker_read_url or conf.broker_url or 'amqp://'
+    answer = _flagging.get(url)
+    if answer is None:
+        urls = url if isinstance(url, (list, tuple)) else url.split(';')
+        answer = _flagging[url] = all(
+            u.strip().partition('://')[0].partition('+')[0].lower()
+            in FLAGGING_SCHEMES for u in urls)
+    return answer
+
+
+def maybe_repeated(task, request, secret=None):
+    """Whether this run may repeat an earlier delivery of its message.
+
+    True for a retry, a message the broker or the outbox relay flagged as
+    sent again, an in-process run, a broker that does not flag
+    redeliveries, and under message signing (a replayed message can lose
+    its flags, its signature stays valid).  Only the other runs, the first
+    delivery of a message, may skip looking in every partition.
+    """
+    if request.retries or request.is_eager or secret:
+        return True
+    info = request.delivery_info
+    if info and info.get('redelivered'):
+        return True
+    if getattr(request, RESENT_HEADER, None) or \
+            getattr(request, 'redelivered', None):
+        return True
+    return not transport_flags_redeliveries(task.app)
 
 
 def generation(now, retention):
@@ -48,36 +146,101 @@ def container(connection, create=False):
     return tree
 
 
-def done_at(connection, task_id, retention, now=None):
-    """When *task_id* was marked done (seconds since the epoch), or None."""
+def _generations(connection, retention, now):
+    """The current and the previous generation that exist."""
     tree = container(connection)
     if not tree:
-        return None
+        return ()
     current = generation(time.time() if now is None else now, retention)
-    for number in (current, current - 1):
-        markers = tree.get(number)
-        if markers is not None:
-            when = markers.get(task_id)
-            if when is not None:
-                return when
+    return [g for g in (tree.get(current), tree.get(current - 1))
+            if g is not None]
+
+
+def done_at(connection, task_id, retention, now=None, everywhere=True):
+    """When *task_id* was marked done (seconds since the epoch), or None.
+
+    Looks in every partition, or only in the shared one
+    (``everywhere=False``: what a first delivery needs).
+    """
+    shard = shard_name(task_id)
+    for partitions in _generations(connection, retention, now):
+        if everywhere:
+            places = [markers for name, markers in partitions.items()
+                      if name == shard or not _is_shard(name)]
+        else:
+            places = [partitions.get(shard)]
+        for markers in places:
+            if markers is not None:
+                when = markers.get(task_id)
+                if when is not None:
+                    return when
     return None
 
 
-def mark_done(connection, task_id, retention, now=None):
+def mark_done(connection, task_id, retention, now=None, shared=True):
     """Record *task_id* as done in *connection*'s current transaction.
 
-    Starting a new generation drops those older than the previous one.
+    *shared* runs (those that `maybe_repeated`) mark in the shared
+    partition, the others in this process's own.  Raises `AlreadyDone`
+    when the partition holds the id already.  Starting a new generation
+    drops those older than the previous one.
     """
     now = time.time() if now is None else now
     tree = container(connection, create=True)
     current = generation(now, retention)
-    markers = tree.get(current)
-    if markers is None:
-        markers = tree[current] = OLBTree()
+    partitions = tree.get(current)
+    if partitions is None:
+        partitions = tree[current] = OOBTree()
+        for number in range(SHARDS):
+            partitions[_SHARD_NAMES[number]] = OLBTree()
         for old in list(tree.keys(max=current - 2)):
             del tree[old]
             log.info('Pruned done-markers of generation %d', old)
-    markers[task_id] = int(now)
+    shard = shard_name(task_id)
+    name = shard if shared else partition_name()
+    markers = partitions.get(name)
+    if markers is None:
+        markers = partitions[name] = OLBTree()
+    if not markers.insert(task_id, int(now)):
+        raise AlreadyDone(None, task_id, markers[task_id])
+    # Read as current what a run of the other kind writes to, so that
+    # two runs of one message at the same time do not both commit.
+    for partitions in _generations(connection, retention, now):
+        if shared:
+            _read_current(connection, partitions)
+            for name, others in partitions.items():
+                if not _is_shard(name):
+                    _read_current(connection, others, task_id)
+        else:
+            _read_current(connection, partitions[shard], task_id)
+
+
+def _read_current(connection, tree, key=None):
+    """``readCurrent`` for the B-tree nodes where *key* is or would be.
+
+    Without *key*: every node (for the small tree of partitions, where a
+    partition added anywhere counts).
+    """
+    nodes = [tree]
+    while nodes:
+        node = nodes.pop()
+        if node._p_jar is None:
+            continue      # new in this transaction: its parent conflicts
+        connection.readCurrent(node)
+        if type(node) is not type(tree):
+            continue                    # a bucket
+        state = node.__getstate__()
+        if state is None or len(state) == 1:
+            continue    # empty, or a single bucket kept inside the node
+        children = state[0][::2]
+        if key is None:
+            nodes.extend(children)
+            continue
+        keys = state[0][1::2]
+        index = 0
+        while index < len(keys) and keys[index] <= key:
+            index += 1
+        nodes.append(children[index])
 
 
 def writes_to_zodb(txn):
@@ -91,7 +254,7 @@ def writes_to_zodb(txn):
                for resource in getattr(txn, '_resources', ()))
 
 
-def mark_at_commit(txn, connection, task_id, retention):
+def mark_at_commit(txn, connection, task_id, retention, shared=True):
     """Mark *task_id* done in *txn* if *txn* writes to the ZODB.
 
     Called when the task's work is done, right before the commit.  When
@@ -101,7 +264,7 @@ def mark_at_commit(txn, connection, task_id, retention):
     """
     if not any(True for _ in txn.getBeforeCommitHooks()):
         if writes_to_zodb(txn):
-            mark_done(connection, task_id, retention)
+            mark_done(connection, task_id, retention, shared=shared)
         return
 
     def hook():
@@ -113,7 +276,7 @@ def mark_at_commit(txn, connection, task_id, retention):
             txn.addBeforeCommitHook(hook)
             return
         if writes_to_zodb(txn):
-            mark_done(connection, task_id, retention)
+            mark_done(connection, task_id, retention, shared=shared)
     txn.addBeforeCommitHook(hook)
 
 
@@ -124,10 +287,13 @@ class AlreadyDone(Exception):
         self.task_name = task_name
         self.task_id = task_id
         self.when = when
-        super().__init__(
-            f'Task {task_name}[{task_id}] was already done (committed at '
-            f'{time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))} '
-            f'UTC); skipped')
+        super().__init__(task_name, task_id, when)
+
+    def __str__(self):
+        return (
+            f'Task {self.task_name}[{self.task_id}] was already done '
+            f'(committed at {time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.when))}'
+            f' UTC); skipped')
 
 
 def skip(task, already_done):
@@ -138,6 +304,8 @@ def skip(task, already_done):
     died before storing it: the task is reported successful, with
     ``None`` as result, so nobody waits for it forever.
     """
+    if already_done.task_name is None:
+        already_done.task_name = task.name
     log.warning('%s', already_done)
     backend = task.backend
     try:

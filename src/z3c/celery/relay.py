@@ -38,6 +38,7 @@ from celery.utils import timer2
 
 from z3c.celery import dispatch
 from z3c.celery import outbox as outbox_module
+from z3c.celery.markers import RESENT_HEADER
 from z3c.celery.outbox import FAST_FAIL
 from z3c.celery.outbox import RETRY_LANE
 from z3c.celery.outbox import get_outbox
@@ -53,6 +54,18 @@ CLAIM_LEASE = 60.0
 
 #: Longest delay (seconds) between two attempts of a failing record.
 MAX_BACKOFF = 600.0
+
+
+def resent(message):
+    """*message*, flagged as possibly sent before.
+
+    The process that committed it may have published it already; the
+    header makes the worker look for its done-marker in every partition.
+    """
+    options = message.options
+    options['headers'] = dict(options.get('headers') or {},
+                              **{RESENT_HEADER: True})
+    return message
 
 
 class RelayReport:
@@ -194,7 +207,7 @@ class Relay:
         return claimed, abandoned
 
     def _publish(self, manager, connection, claimed, report):
-        messages = [message_of(task_id, record)
+        messages = [resent(message_of(task_id, record))
                     for _, task_id, record in claimed]
         keys = {task_id: key for key, task_id, _ in claimed}
         remaining = messages

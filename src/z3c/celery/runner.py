@@ -99,7 +99,8 @@ class Runner:
         self.principal_id = principal_id
         self.name = task.name
         self.request = request
-        _, self.database_name, self.done_markers, self.retention = settings
+        (self.secret, self.database_name, self.done_markers,
+         self.retention) = settings
 
     def run(self):
         task = self.task
@@ -225,25 +226,31 @@ class Runner:
         mark = self._done_marker(connection)
         self._notify(events.TaskStarted)
         result = self.task.run(*self.args, **self.kwargs)
-        if mark:
-            markers.mark_at_commit(txn, connection, self.request.id, mark)
+        if mark is not None:
+            markers.mark_at_commit(txn, connection, self.request.id,
+                                   self.retention, shared=mark)
         manager.commit()
         self._notify(events.TaskSucceeded, result=result)
         return result
 
     def _done_marker(self, connection):
-        """Skip a task already done; the retention if it is to be marked.
+        """Skip a task already done; how a run that writes is marked.
 
-        Returns ``None`` when this run takes no done-marker.
+        Returns ``None`` when this run takes no done-marker, else whether
+        it marks in the shared partition (see `markers`): a run that may
+        repeat an earlier delivery looks in every partition, a first
+        delivery only in the shared one.
         """
         if connection is None or not self.request.id or \
                 not self.done_markers:
             return None
-        retention = self.retention
-        when = markers.done_at(connection, self.request.id, retention)
+        repeated = markers.maybe_repeated(self.task, self.request,
+                                          self.secret)
+        when = markers.done_at(connection, self.request.id, self.retention,
+                               everywhere=repeated)
         if when is not None:
             raise markers.AlreadyDone(self.name, self.request.id, when)
-        return retention
+        return repeated
 
     def _after_abort(self, manager, policy, error):
         handler = lookup(IAfterAbortHandler, self.name)
