@@ -7,6 +7,7 @@ the worker, forged messages are refused.
 """
 import base64
 import json
+import time
 import uuid
 
 import pytest
@@ -116,6 +117,15 @@ def test_conflict_is_retried_through_the_broker_as_the_same_principal(
     worker.wait_for_log(
         rf'EVENT TaskRetried w\.conflict_once\[{result.id}\] '
         rf'principal=zope\.bob')
+
+
+def test_a_task_asking_for_a_retry_is_run_again(client, zodb, worker):
+    """``raise self.retry()``: the retry leaves although the run's
+    transaction is aborted, and runs as the same principal."""
+    result = task('w.retry_once').delay('asked', _principal_id_='zope.bob')
+    transaction.commit()
+    assert workers.result_of(result, 30) == 1
+    assert workers.read_data(zodb)['asked'] == ('zope.bob', 1)
 
 
 def test_events_fire_in_the_worker(client, worker):
@@ -245,4 +255,11 @@ def test_done_marker_only_for_tasks_that_write(client, zodb, worker):
         retention = z3c.celery.CELERY.z3c_setting('done_marker_retention')
         assert markers.done_at(conn, writes.id, retention) is not None
         assert markers.done_at(conn, reads.id, retention) is None
+        # This site signs its messages: a signed message may be a replay,
+        # so every run marks in the shared partition (its shard).
+        partitions = markers.container(conn)[markers.generation(
+            time.time(), retention)]
+        holders = [name for name, tree in partitions.items()
+                   if writes.id in tree]
+        assert holders == [markers.shard_name(writes.id)]
 

@@ -421,7 +421,7 @@ class FakeTask:
 
 @pytest.mark.parametrize('info, expected', [
     ({}, False),
-    ({'retries': 1}, True),
+    ({'retries': 1}, False),
     ({'is_eager': True}, True),
     ({'delivery_info': {'redelivered': True}}, True),
     ({'redelivered': True}, True),

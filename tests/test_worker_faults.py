@@ -1,6 +1,9 @@
 """Faults around a real worker: killed between commit and ack, Redis and
 ZEO restarted while tasks are in flight.  Each effect is applied once."""
 
+import socket
+import time
+
 import pytest
 import transaction
 import zope.component
@@ -8,6 +11,8 @@ import zope.component.testing
 import zope.security.management
 from zope.configuration import xmlconfig
 
+import z3c.celery
+from z3c.celery import markers
 from z3c.celery.celery import get_principal
 from z3c.celery.celery import login_principal
 from z3c.celery.interfaces import ITask
@@ -54,6 +59,15 @@ def task(name):
     return zope.component.getUtility(ITask, name)
 
 
+def marker_partitions(db, task_id):
+    """The names of the done-marker partitions holding *task_id*."""
+    retention = z3c.celery.CELERY.z3c_setting('done_marker_retention')
+    with db.transaction() as conn:
+        partitions = markers.container(conn)[markers.generation(
+            time.time(), retention)]
+        return [name for name, tree in partitions.items() if task_id in tree]
+
+
 def test_killed_after_commit_before_ack_is_redelivered_and_applied_once(
         tmp_path, zeo, zodb, client):
     with servers.RedisServer() as redis:
@@ -74,6 +88,11 @@ def test_killed_after_commit_before_ack_is_redelivered_and_applied_once(
                              message='the task committed')
             first.kill()
         assert workers.read_data(zodb)['once'] == 1
+        # A first delivery marks in the partition of its pool process
+        # (and the redelivery below must look there).
+        pid = int((flags / 'once').read_text())
+        assert marker_partitions(zodb, result.id) == [
+            f'{socket.gethostname()}:{pid}']
         (flags / 'once').unlink()
 
         second = workers.Worker(site.zope_conf, broker_url=site.broker_url,

@@ -282,6 +282,12 @@ class Worker:
     def pid(self):
         return self.process.pid if self.process is not None else None
 
+    def pool_pids(self):
+        """The pids of the worker's pool processes (its children)."""
+        path = f'/proc/{self.pid}/task/{self.pid}/children'
+        with open(path) as f:
+            return [int(pid) for pid in f.read().split()]
+
     def running(self):
         return self.process is not None and self.process.poll() is None
 

@@ -41,6 +41,15 @@ def record_and_pause(key, flag_dir, seconds):
     return d[key]
 
 
+def retry_once(self, key):
+    """Ask Celery for a retry (``self.retry``) once, then record *key*."""
+    data()[key] = 'first attempt'     # rolled back with the retry
+    if not self.request.retries:
+        raise self.retry(countdown=0)
+    data()[key] = (principal_id(), self.request.retries)
+    return self.request.retries
+
+
 def conflict_once(self, key):
     """A write conflict on the first attempt, then record who ran it."""
     data()[key + '-dirty'] = True    # rolled back with the conflict

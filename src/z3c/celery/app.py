@@ -115,6 +115,7 @@ def reset_connections(app):
     if amqp is not None:
         amqp._producer_pool = None
     app._local = threading.local()  # drops the cached result backend
+    app.__dict__.pop('_z3c_flags_redeliveries', None)   # see markers
 
 
 class _ConfigState:

@@ -96,17 +96,18 @@ def partition_name():
     return _partition.name
 
 
-_flagging = {}
-
-
 def transport_flags_redeliveries(app):
-    """Whether *app*'s broker flags the messages it delivers again."""
-    conf = app.conf
-    url = conf.broker_read_url or conf.broker_url or 'amqp://'
-    answer = _flagging.get(url)
+    """Whether *app*'s broker flags the messages it delivers again.
+
+    Remembered on the app until its connections are reset (a changed
+    ``<celery:config>``).
+    """
+    answer = app.__dict__.get('_z3c_flags_redeliveries')
     if answer is None:
+        conf = app.conf
+        url = conf.broker_read_url or conf.broker_url or 'amqp://'
         urls = url if isinstance(url, (list, tuple)) else url.split(';')
-        answer = _flagging[url] = all(
+        answer = app._z3c_flags_redeliveries = all(
             u.strip().partition('://')[0].partition('+')[0].lower()
             in FLAGGING_SCHEMES for u in urls)
     return answer
@@ -115,13 +116,18 @@ def transport_flags_redeliveries(app):
 def maybe_repeated(task, request, secret=None):
     """Whether this run may repeat an earlier delivery of its message.
 
-    True for a retry, a message the broker or the outbox relay flagged as
-    sent again, an in-process run, a broker that does not flag
-    redeliveries, and under message signing (a replayed message can lose
-    its flags, its signature stays valid).  Only the other runs, the first
-    delivery of a message, may skip looking in every partition.
+    True for a message the broker or the outbox relay flagged as sent
+    again, an in-process run, a broker that does not flag redeliveries,
+    and under message signing (a replayed message can lose its flags, its
+    signature stays valid).  Only the other runs may skip looking in every
+    partition: those of the one copy of a message that nobody flagged.
+
+    A retry is such a copy too: the run that sent it did not commit, and
+    once that run's message is acknowledged the retry is the only copy;
+    if that message comes back (a worker died before acknowledging it),
+    it comes flagged.
     """
-    if request.retries or request.is_eager or secret:
+    if request.is_eager or secret:
         return True
     info = request.delivery_info
     if info and info.get('redelivered'):

@@ -202,8 +202,7 @@ class Runner:
         """
         try:
             retry = self.task.retry(
-                countdown=countdown, exc=error, throw=False,
-                _z3c_direct=True)
+                countdown=countdown, exc=error, throw=False)
         except celery.exceptions.Reject as reject:
             if not _is_connection_error(self.task.app, reject.reason):
                 raise
@@ -246,6 +245,8 @@ class Runner:
             return None
         repeated = markers.maybe_repeated(self.task, self.request,
                                           self.secret)
+        # A retry of this run is flagged alike (see the task's retry).
+        self.request.z3c_repeated = repeated
         when = markers.done_at(connection, self.request.id, self.retention,
                                everywhere=repeated)
         if when is not None:

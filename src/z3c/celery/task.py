@@ -9,6 +9,7 @@ from celery.utils import uuid
 from z3c.celery import dispatch
 from z3c.celery import runner
 from z3c.celery.interfaces import ITask
+from z3c.celery.markers import RESENT_HEADER
 from z3c.celery.result import QueuedResult
 
 
@@ -115,6 +116,24 @@ class TransactionAwareTask(celery.Task):
 
     def __call__(self, *args, **kwargs):
         return runner.run(self, args, kwargs)
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None,
+              countdown=None, max_retries=None, **options):
+        """Celery's ``retry``; the new message leaves at once.
+
+        Not at commit: the transaction of the run that asks for a retry
+        is aborted.  A run that may repeat an earlier delivery (see
+        `z3c.celery.markers.maybe_repeated`) flags its retry the same
+        way, so that the retry too looks for the task's done-marker
+        everywhere.
+        """
+        options.setdefault('_z3c_direct', True)
+        if getattr(self.request, 'z3c_repeated', False):
+            options['headers'] = dict(
+                options.get('headers') or self.request.headers or {},
+                **{RESENT_HEADER: True})
+        return super().retry(args, kwargs, exc, throw, eta, countdown,
+                             max_retries, **options)
 
     @property
     def task_id(self):
