@@ -1,4 +1,5 @@
 """Sending side, ``after-commit`` mode, against a real Redis broker."""
+import contextlib
 import gc
 import json
 import logging
@@ -12,6 +13,7 @@ import zope.event
 import z3c.celery
 from z3c.celery import dispatch
 from z3c.celery.interfaces import ITask
+from z3c.celery.markers import RESENT_HEADER
 
 from .conftest import VetoingDataManager
 
@@ -231,3 +233,35 @@ def test_result_of_delay_is_subscribed_from_sending_until_dropped(
     while channel in redis_server.client().pubsub_channels():
         assert time.monotonic() < deadline, 'still subscribed'
         time.sleep(0.01)
+
+
+def test_a_publish_tried_again_is_flagged(site, redis_server, monkeypatch):
+    """A publish that reported an error may still have reached the broker
+    (the connection dropped before the reply): kombu tries again, and
+    the second copy tells the worker to look for a done-marker everywhere.
+    The fault is made by hand: a real broker cannot be made to lose just
+    the reply.  Without batching, as with transports that cannot batch."""
+    from kombu.transport import redis as redis_transport
+    monkeypatch.setattr(dispatch, '_batch',
+                        lambda producer: contextlib.nullcontext())
+    original = redis_transport.Channel.basic_publish
+    calls = []
+
+    def arrives_but_fails_once(self, message, *args, **kw):
+        original(self, message, *args, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError('connection lost before the reply')
+    monkeypatch.setattr(redis_transport.Channel, 'basic_publish',
+                        arrives_but_fails_once)
+    result = task().delay('twice', 1)
+    transaction.commit()
+    sent = broker_messages(redis_server)
+    assert [m['id'] for m in sent] == [result.id, result.id]
+    assert RESENT_HEADER not in sent[0]
+    assert sent[1][RESENT_HEADER] is True
+    # Nothing of it stays behind for later publishes.
+    later = task().delay('later', 1)
+    transaction.commit()
+    assert RESENT_HEADER not in broker_messages(redis_server)[-1]
+    assert later.id == broker_messages(redis_server)[-1]['id']

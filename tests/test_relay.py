@@ -1,4 +1,5 @@
 """The outbox relay: grace period, claims, dead letters, lanes, timer."""
+import json
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import z3c.celery
 from z3c.celery import dispatch
 from z3c.celery import outbox
 from z3c.celery import servers
+from z3c.celery.markers import RESENT_HEADER
 from z3c.celery.relay import Relay
 from z3c.celery.relay import RelayTimer
 from z3c.celery.relay import purge
@@ -149,3 +151,15 @@ def test_relay_timer_delivers_in_the_background(broker, db, redis_server):
         timer.stop()
     assert sorted(broker_ids(redis_server)) == sorted(ids)
     assert outbox.figures(db)['pending'] == 0
+
+
+def test_relayed_messages_are_flagged_as_possibly_sent_before(
+        broker, db, redis_server):
+    """The committing process may have published them already: the
+    worker looks for their done-markers everywhere."""
+    ids = store(db, [message(n) for n in range(2)], created=0)
+    assert Relay(APP, db).run_once().sent == 2
+    raw = redis_server.client().lrange('celery', 0, -1)
+    headers = [json.loads(m)['headers'] for m in reversed(raw)]
+    assert [h['id'] for h in headers] == ids
+    assert all(h[RESENT_HEADER] is True for h in headers)
