@@ -63,7 +63,8 @@ def read_filestorage(path):
             root = conn.root()
             done = root.get(markers.CONTAINER_KEY) or {}
             return dict(root['data']), sum(
-                len(generation) for generation in done.values())
+                len(partition) for generation in done.values()
+                for partition in generation.values())
     finally:
         db.close()
 
