@@ -265,3 +265,22 @@ def test_a_publish_tried_again_is_flagged(site, redis_server, monkeypatch):
     transaction.commit()
     assert RESENT_HEADER not in broker_messages(redis_server)[-1]
     assert later.id == broker_messages(redis_server)[-1]['id']
+
+
+@pytest.mark.parametrize('repeated', [False, True])
+def test_a_retry_is_sent_at_once_and_flagged_like_its_run(
+        site, redis_server, repeated):
+    """``self.retry()`` in a worker: the message leaves now (the run's
+    transaction is aborted), flagged when the run may repeat an earlier
+    delivery (the runner sets ``z3c_repeated``)."""
+    t = task()
+    t.push_request(id='retried-id', args=('k', 1), kwargs={}, retries=0,
+                   is_eager=False, delivery_info={}, z3c_repeated=repeated)
+    try:
+        t.retry(countdown=0, throw=False)
+    finally:
+        t.pop_request()
+    transaction.abort()
+    sent = broker_messages(redis_server)
+    assert [(m['id'], m['retries']) for m in sent] == [('retried-id', 1)]
+    assert (sent[0].get(RESENT_HEADER) is True) is repeated
