@@ -275,7 +275,8 @@ def test_a_retry_is_sent_at_once_and_flagged_like_its_run(
     delivery (the runner sets ``z3c_repeated``)."""
     t = task()
     t.push_request(id='retried-id', args=('k', 1), kwargs={}, retries=0,
-                   is_eager=False, delivery_info={}, z3c_repeated=repeated)
+                   is_eager=False, called_directly=False, delivery_info={},
+                   z3c_repeated=repeated)
     try:
         t.retry(countdown=0, throw=False)
     finally:
