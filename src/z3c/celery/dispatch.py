@@ -331,7 +331,6 @@ def publish(app, messages, producer=None, **send_options):
                 sent += len(chunk)
                 for message in chunk:
                     events.notify(events.TaskSent, message)
-            _forget_errback(producer)
     except Exception as error:
         unsent.error = error
         unsent.culprit = current
@@ -339,6 +338,7 @@ def publish(app, messages, producer=None, **send_options):
                   sent, len(messages), exc_info=True)
     finally:
         _publishing.active = False
+        _forget_errback(producer)
     counters.add('sent', sent)
     del unsent[:sent]
     return unsent

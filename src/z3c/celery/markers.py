@@ -211,14 +211,14 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
         raise AlreadyDone(None, task_id, markers[task_id])
     # Read as current what a run of the other kind writes to, so that
     # two runs of one message at the same time do not both commit.
-    for partitions in _generations(connection, retention, now):
+    for consulted in _generations(connection, retention, now):
         if shared:
-            _read_current(connection, partitions)
-            for name, others in partitions.items():
+            _read_current(connection, consulted)
+            for name, others in consulted.items():
                 if not _is_shard(name):
                     _read_current(connection, others, task_id)
         else:
-            _read_current(connection, partitions[shard], task_id)
+            _read_current(connection, consulted[shard], task_id)
 
 
 def _read_current(connection, tree, key=None):
