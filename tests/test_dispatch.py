@@ -285,3 +285,32 @@ def test_a_retry_is_sent_at_once_and_flagged_like_its_run(
     sent = broker_messages(redis_server)
     assert [(m['id'], m['retries']) for m in sent] == [('retried-id', 1)]
     assert (sent[0].get(RESENT_HEADER) is True) is repeated
+
+
+def test_a_conflict_retry_is_raised_with_a_short_traceback(
+        site, redis_server):
+    """A worker copies and formats every frame of a retry's traceback (for
+    the RETRY state): the runner raises it from its entry point, not from
+    deep in its attempts, and without the conflict chained to it."""
+    from celery.exceptions import Retry
+    from ZODB.POSException import ConflictError
+
+    def conflicting(key):
+        raise ConflictError(f'simulated conflict at {key}')
+    t = z3c.celery.CELERY.task(conflicting, name='t.conflicting', lazy=False)
+    t.push_request(id='conflicted-id', args=('k',), kwargs={}, retries=0,
+                   is_eager=False, called_directly=False, delivery_info={})
+    try:
+        with pytest.raises(Retry) as raised:
+            t('k')
+    finally:
+        t.pop_request()
+        z3c.celery.CELERY.tasks.unregister('t.conflicting')
+    retry = raised.value
+    assert isinstance(retry.exc, ConflictError)
+    assert retry.__context__ is None and retry.__cause__ is None
+    frames = [frame.f_code.co_qualname for frame, _ in
+              __import__('traceback').walk_tb(retry.__traceback__)]
+    assert frames[1:] == ['TransactionAwareTask.__call__', 'run']
+    sent = broker_messages(redis_server)
+    assert [(m['id'], m['retries']) for m in sent] == [('conflicted-id', 1)]

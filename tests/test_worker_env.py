@@ -3,6 +3,7 @@ bootstep's settings, and done-markers run through the runner (inline)."""
 import sys
 import time
 
+import BTrees.Length
 import celery
 import persistent.mapping
 import pytest
@@ -17,6 +18,7 @@ from celery.exceptions import Ignore
 import z3c.celery
 from z3c.celery import environment
 from z3c.celery import markers
+from z3c.celery import runner
 from z3c.celery import worker
 from z3c.celery import zopeconf
 from z3c.celery.interfaces import ITask
@@ -404,6 +406,48 @@ def test_different_messages_at_once_do_not_conflict(fs_db, monkeypatch):
     conn.transaction_manager.begin()
     assert all(markers.done_at(conn, task_id, DAY)
                for task_id in ('one', 'two', 'three'))
+
+
+# A conflict that committing would hit is raised before the commit (no
+# vote, no half-done commit to abort); one that the object may resolve
+# itself is left to the commit.
+
+@pytest.mark.parametrize('how, error, message', [
+    ('changed', ZODB.POSException.ConflictError,
+     'changed by another.*found before the commit.*PersistentMapping'),
+    ('read as current', ZODB.POSException.ReadConflictError,
+     'read as current.*found before the commit'),
+])
+def test_an_object_changed_since_fails_before_the_commit(
+        fs_db, how, error, message):
+    mine, other = fs_db(), fs_db()
+    mine.root()['a']['x'] = 1
+    if how == 'read as current':
+        mine.readCurrent(mine.root()['b'])
+    else:
+        mine.root()['b']['x'] = 1
+    runner._raise_known_conflict(mine)      # nothing changed yet
+    other.root()['b']['y'] = 2
+    other.transaction_manager.commit()
+    with pytest.raises(error, match=message):
+        runner._raise_known_conflict(mine)
+    # What the commit would have said too.
+    with pytest.raises(error):
+        mine.transaction_manager.commit()
+
+
+def test_conflicts_an_object_resolves_are_left_to_the_commit(fs_db):
+    setup = fs_db()
+    setup.root()['length'] = BTrees.Length.Length()
+    setup.transaction_manager.commit()
+    mine, other = fs_db(), fs_db()
+    mine.root()['length'].change(1)
+    other.root()['length'].change(2)
+    other.transaction_manager.commit()
+    runner._raise_known_conflict(mine)      # Length resolves it
+    mine.transaction_manager.commit()
+    setup.transaction_manager.begin()
+    assert setup.root()['length']() == 3
 
 
 def request(**info):

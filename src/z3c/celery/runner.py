@@ -17,6 +17,7 @@ import threading
 import celery.exceptions
 import kombu.exceptions
 import transaction
+import ZODB.POSException
 import zope.component
 import zope.interface
 import zope.security.interfaces
@@ -86,7 +87,23 @@ def run(task, args, kwargs):
     kwargs.pop('_run_asynchronously_', None)
     if request.called_directly:
         return task.run(*args, **kwargs)
-    return Runner(task, args, kwargs, principal_id, request, settings).run()
+    outcome = Runner(task, args, kwargs, principal_id, request,
+                     settings).run()
+    if outcome.__class__ is _Retrying:
+        # Raised here rather than deep in the runner: Celery copies and
+        # formats every frame of a retry's traceback (for its RETRY
+        # state), which for the runner's frames cost more than a run.
+        raise outcome.retry
+    return outcome
+
+
+class _Retrying:
+    """A run that ends in Celery's `Retry` (raised by `run`)."""
+
+    __slots__ = ('retry',)
+
+    def __init__(self, retry):
+        self.retry = retry
 
 
 class Runner:
@@ -191,10 +208,12 @@ class Runner:
                     # after the countdown, without anybody sleeping.
                     retries += 1
                     continue
-                self._retry(countdown, error)
+                return _Retrying(self._retry(countdown, error))
 
     def _retry(self, countdown, error):
         """Send the task again through the broker, to run in *countdown*.
+
+        Returns Celery's `Retry` for the caller to raise.
 
         When the broker cannot take the new message (it is away), Celery
         would drop the one being run; it is requeued instead, so that it
@@ -211,10 +230,7 @@ class Runner:
                         self.request.id, reject.reason)
             raise celery.exceptions.Reject(
                 reject.reason, requeue=True) from error
-        # Without the conflict's own traceback (the error travels in the
-        # Retry): the worker formats and stores every traceback it gets,
-        # which for a conflict deep in a commit cost as much as the task.
-        raise retry from None
+        return retry
 
     def _attempt(self, manager, connection):
         txn = manager.begin()
@@ -228,6 +244,8 @@ class Runner:
         if mark is not None:
             markers.mark_at_commit(txn, connection, self.request.id,
                                    self.retention, shared=mark)
+        if connection is not None:
+            _raise_known_conflict(connection)
         manager.commit()
         self._notify(events.TaskSucceeded, result=result)
         return result
@@ -360,6 +378,40 @@ def release_connection():
 def _idle(connection):
     # What ``Connection.close`` insists on: joined to no transaction.
     return connection._needs_to_join and not connection._registered_objects
+
+
+def _raise_known_conflict(connection):
+    """Raise the conflict that committing would hit, before committing.
+
+    The storage (ZEO, FileStorage, MappingStorage) hands each connection
+    the ids of objects that other transactions changed since this one
+    began.  An object this transaction changed, or read as current, that
+    is among them fails the vote: it is cheaper to fail now, without the
+    round trip of a vote, the abort of a half-done commit and the stack
+    that `transaction` records for every failed commit.  Objects that
+    resolve conflicts themselves (``_p_resolveConflict``: B-tree buckets,
+    ``Length``) are left to the commit, which may well succeed.  Only a
+    shortcut: when the storage does not keep that set (RelStorage), or a
+    change arrives later, the commit finds the conflict as before.
+    """
+    changed = getattr(connection._storage, '_invalidations', None)
+    if not changed:
+        return
+    for obj in connection._registered_objects:
+        oid = obj._p_oid
+        if oid in changed and \
+                getattr(obj, '_p_resolveConflict', None) is None:
+            raise ZODB.POSException.ConflictError(
+                object=obj,
+                message='changed by another transaction since this one '
+                        'began (found before the commit)')
+    for oid in connection._readCurrent:
+        if oid in changed:
+            raise ZODB.POSException.ReadConflictError(
+                oid=oid,
+                message='read as current, but changed by another '
+                        'transaction since this one began (found before '
+                        'the commit)')
 
 
 def _close(connection, manager):
