@@ -273,6 +273,9 @@ def test_worker_thread_keeps_one_connection_and_sees_new_commits(
     assert run_in_worker('t.read', 'b') == 'from elsewhere'
     assert run_in_worker('t.record', 'c', 3) == 3
     assert len(opened) == 1 and opened[0].opened is not None
+    # Left as implicit as it was opened (the runner's own commit skips
+    # the look for news that the next task's begin makes anyway).
+    assert opened[0].explicit_transactions is False
     # Other threads (the threads pool) get connections of their own.
     seen = []
     thread = threading.Thread(

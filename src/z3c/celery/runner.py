@@ -244,9 +244,19 @@ class Runner:
         if mark is not None:
             markers.mark_at_commit(txn, connection, self.request.id,
                                    self.retention, shared=mark)
-        if connection is not None:
+        if connection is None:
+            manager.commit()
+        else:
             _raise_known_conflict(connection)
-        manager.commit()
+            # The next task's ``begin`` looks for other transactions'
+            # changes; the connection need not look right after this
+            # commit too (what it does for code that goes on without
+            # ``begin``, as a task after its own ``commit()``).
+            connection.explicit_transactions = True
+            try:
+                manager.commit()
+            finally:
+                connection.explicit_transactions = False
         self._notify(events.TaskSucceeded, result=result)
         return result
 
