@@ -23,6 +23,7 @@ import zope.interface
 import zope.security.interfaces
 import zope.security.management
 import zope.testing.cleanup
+from ZODB.mvccadapter import MVCCAdapterInstance
 from zope.component.hooks import getSite
 from zope.component.hooks import setSite
 from zope.security.management import endInteraction
@@ -401,10 +402,14 @@ def _raise_known_conflict(connection):
     that `transaction` records for every failed commit.  Objects that
     resolve conflicts themselves (``_p_resolveConflict``: B-tree buckets,
     ``Length``) are left to the commit, which may well succeed.  Only a
-    shortcut: when the storage does not keep that set (RelStorage), or a
-    change arrives later, the commit finds the conflict as before.
+    shortcut: when the storage keeps no such set (RelStorage, which is
+    its own MVCC storage), or a change is reported later, the commit
+    finds the conflict as before.
     """
-    changed = getattr(connection._storage, '_invalidations', None)
+    storage = connection._storage
+    if storage.__class__ is not MVCCAdapterInstance:
+        return          # an IMVCCStorage of its own (RelStorage)
+    changed = storage._invalidations
     if not changed:
         return
     for obj in connection._registered_objects:
