@@ -4,11 +4,14 @@ import gc
 import json
 import logging
 import time
+import traceback
 
 import pytest
 import transaction
 import zope.component
 import zope.event
+from celery.exceptions import Retry
+from ZODB.POSException import ConflictError
 
 import z3c.celery
 from z3c.celery import dispatch
@@ -292,9 +295,6 @@ def test_a_conflict_retry_is_raised_with_a_short_traceback(
     """A worker copies and formats every frame of a retry's traceback (for
     the RETRY state): the runner raises it from its entry point, not from
     deep in its attempts, and without the conflict chained to it."""
-    from celery.exceptions import Retry
-    from ZODB.POSException import ConflictError
-
     def conflicting(key):
         raise ConflictError(f'simulated conflict at {key}')
     t = z3c.celery.CELERY.task(conflicting, name='t.conflicting', lazy=False)
@@ -310,7 +310,7 @@ def test_a_conflict_retry_is_raised_with_a_short_traceback(
     assert isinstance(retry.exc, ConflictError)
     assert retry.__context__ is None and retry.__cause__ is None
     frames = [frame.f_code.co_qualname for frame, _ in
-              __import__('traceback').walk_tb(retry.__traceback__)]
+              traceback.walk_tb(retry.__traceback__)]
     assert frames[1:] == ['TransactionAwareTask.__call__', 'run']
     sent = broker_messages(redis_server)
     assert [(m['id'], m['retries']) for m in sent] == [('conflicted-id', 1)]

@@ -436,6 +436,21 @@ def test_an_object_changed_since_fails_before_the_commit(
         mine.transaction_manager.commit()
 
 
+def test_a_change_reported_late_but_already_seen_is_no_conflict(fs_db):
+    """The report of a commit can come a moment after a transaction began
+    that already sees it (a race made here by hand): no conflict."""
+    mine, other = fs_db(), fs_db()
+    other.root()['b']['y'] = 2
+    other.transaction_manager.commit()
+    mine.transaction_manager.begin()
+    changed = mine.root()['b']
+    assert changed['y'] == 2
+    changed['x'] = 1
+    mine._storage._invalidate(changed._p_serial, [changed._p_oid])
+    runner._raise_known_conflict(mine)
+    mine.transaction_manager.commit()
+
+
 def test_conflicts_an_object_resolves_are_left_to_the_commit(fs_db):
     setup = fs_db()
     setup.root()['length'] = BTrees.Length.Length()

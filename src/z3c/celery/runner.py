@@ -410,7 +410,9 @@ def _raise_known_conflict(connection):
     if storage.__class__ is not MVCCAdapterInstance:
         return          # an IMVCCStorage of its own (RelStorage)
     changed = storage._invalidations
-    if not changed:
+    if not changed or storage._ltid < storage._start:
+        # Nothing reported, or only what was committed before this
+        # transaction began (reported a moment after it began).
         return
     for obj in connection._registered_objects:
         oid = obj._p_oid
