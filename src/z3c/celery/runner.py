@@ -410,7 +410,8 @@ def _raise_known_conflict(connection):
     if storage.__class__ is not MVCCAdapterInstance:
         return          # an IMVCCStorage of its own (RelStorage)
     changed = storage._invalidations
-    if not changed or storage._ltid < storage._start:
+    start = storage._start
+    if not changed or start is None or storage._ltid < start:
         # Nothing reported, or only what was committed before this
         # transaction began (reported a moment after it began).
         return
