@@ -23,7 +23,9 @@ from z3c.celery import worker
 from z3c.celery import zopeconf
 from z3c.celery.interfaces import ITask
 
+from tests import tasks
 from tests import workers
+from tests.conftest import read_data
 
 
 @pytest.fixture
@@ -191,6 +193,62 @@ def test_redelivered_task_is_skipped_and_logged(inline, caplog):
     assert 'Task t.increment[same-id] was already done' in caplog.text
 
 
+#: Task ids of the runs of ``counted_increment`` (its body ran).
+RAN = []
+
+
+def counted_increment(key):
+    RAN.append(key)
+    tasks.increment(key)
+
+
+@pytest.fixture
+def pool_process(load_zcml, db, login):
+    """Tasks run as a prefork pool process runs them, Redis the broker."""
+    load_zcml('''
+      <celery:config dispatch="inline" broker_url="redis://127.0.0.1:1/0" />
+      <celery:task name="t.counted"
+                   handler="tests.test_worker_env.counted_increment" />''')
+    login('zope.alice')
+    RAN.clear()
+    yield db
+    runner.release_connection()
+
+
+def run_in_pool(key, task_id, **flags):
+    """Run ``t.counted`` from a message delivered with *flags*."""
+    task = z3c.celery.CELERY.tasks['t.counted']
+    task.push_request(id=task_id, called_directly=False, is_eager=False,
+                      retries=0, **flags)
+    try:
+        return task(key, _principal_id_='zope.alice')
+    finally:
+        task.pop_request()
+
+
+def test_a_redelivered_message_whose_run_committed_does_not_run(
+        pool_process, caplog):
+    run_in_pool('n', 'once', delivery_info={'redelivered': False})
+    assert run_in_pool('n', 'once', delivery_info={'redelivered': True}) \
+        is None
+    assert RAN == ['n']       # skipped before it ran
+    assert read_data(pool_process) == {'n': 1}
+    assert 'Task t.counted[once] was already done' in caplog.text
+
+
+def test_a_first_delivery_after_a_resent_copy_ran_is_skipped_at_commit(
+        pool_process, caplog):
+    """The first delivery looks for its marker when it marks: it ran,
+    but its writes are not committed."""
+    run_in_pool('n', 'resent', **{markers.RESENT_HEADER: True},
+                delivery_info={'redelivered': False})
+    assert run_in_pool('n', 'resent',
+                       delivery_info={'redelivered': False}) is None
+    assert RAN == ['n', 'n']
+    assert read_data(pool_process) == {'n': 1}
+    assert 'Task t.counted[resent] was already done' in caplog.text
+
+
 def test_task_that_writes_nothing_gets_no_marker(inline):
     run('w.touch', 'n', task_id='reader')
     assert not marked(inline, 'reader')
@@ -217,8 +275,6 @@ def test_skip_keeps_a_result_already_stored(inline, monkeypatch):
 
 def test_marker_written_by_a_later_commit_hook_counts(inline):
     """Writes made in before-commit hooks (e.g. an outbox) are included."""
-    from tests import tasks
-
     def writes_in_hook():
         def hook():
             tasks.data()['from-hook'] = True
@@ -301,9 +357,10 @@ def test_no_database_no_token(zca):
     assert worker.commit_token(z3c.celery.CELERY) is None
 
 
-# Partitions: a first delivery marks in its process's own partition and
-# looks only in the shared one; a run that may repeat one looks everywhere
-# and marks in the shared one.  Both kinds at the same time conflict.
+# Partitions: a first delivery marks in its process's own partition and,
+# when it marks, looks only in the shared one; a run that may repeat one
+# looks everywhere and marks in the shared one.  Both kinds at the same
+# time conflict.
 
 DAY = 86400
 
@@ -356,11 +413,13 @@ def test_a_first_delivery_marks_in_its_own_partition(fs_db):
     assert markers.done_at(conn, 'first', DAY, everywhere=False) is None
 
 
-def test_a_first_delivery_finds_a_repeated_run_marker(fs_db):
+def test_a_first_delivery_finds_a_repeated_run_marker_when_marking(fs_db):
     conn = fs_db()
     write_and_mark(conn, 'again', shared=True)
     conn.transaction_manager.commit()
     assert markers.done_at(conn, 'again', DAY, everywhere=False)
+    with pytest.raises(markers.AlreadyDone):
+        write_and_mark(conn, 'again', shared=False)
 
 
 def test_marking_an_id_twice_in_one_partition_is_already_done(fs_db):

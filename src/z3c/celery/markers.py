@@ -22,14 +22,15 @@ marks the first delivery of a message in a partition of its own (named
 after host and pid, see `partition_name`), which nobody else writes to:
 its B-tree buckets stay in the process's ZODB cache, instead of being
 invalidated by every other worker's markers and loaded again from the
-server for the next task, which a single shared tree cost.  A first
-delivery only looks in the *shared* partition (its shard for the task
-id, see `shard_name`), where runs of messages that may have been
-delivered before (`maybe_repeated`) put their markers; those runs look in
-every partition.  Both kinds read the other
-kind's place "as current" (``readCurrent``), so that when the two run at
-the same time one of them ends in a conflict, is retried, and then finds
-the marker of the other.
+server for the next task, which a single shared tree cost.  Runs of
+messages that may have been delivered before (`maybe_repeated`) look in
+every partition before they run, and mark in the *shared* partition
+(its shard for the task id, see `shard_name`).  A first delivery looks
+only there, and only when it marks: at commit, if it wrote anything (a
+task that writes nothing pays nothing for markers).  Both kinds read the
+other kind's place "as current" (``readCurrent``), so that when the two
+run at the same time one of them ends in a conflict, is retried, and
+then finds the marker of the other.
 """
 import logging
 import os
@@ -188,8 +189,9 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
 
     *shared* runs (those that `maybe_repeated`) mark in the shared
     partition, the others in this process's own.  Raises `AlreadyDone`
-    when the partition holds the id already.  Starting a new generation
-    drops those older than the previous one.
+    when the partition holds the id already, or, for a first delivery
+    (not *shared*), when the shared partition does.  Starting a new
+    generation drops those older than the previous one.
     """
     now = time.time() if now is None else now
     tree = container(connection, create=True)
@@ -203,6 +205,14 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
             del tree[old]
             log.info('Pruned done-markers of generation %d', old)
     shard = shard_name(task_id)
+    consulted = _generations(connection, retention, now)
+    if not shared:
+        # A first delivery looks for its id here, not before it ran: in
+        # its shard, where a run that may repeat it marks.
+        for partitions_ in consulted:
+            when = partitions_[shard].get(task_id)
+            if when is not None:
+                raise AlreadyDone(None, task_id, when)
     name = shard if shared else partition_name()
     markers = partitions.get(name)
     if markers is None:
@@ -211,14 +221,14 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
         raise AlreadyDone(None, task_id, markers[task_id])
     # Read as current what a run of the other kind writes to, so that
     # two runs of one message at the same time do not both commit.
-    for consulted in _generations(connection, retention, now):
+    for partitions_ in consulted:
         if shared:
-            _read_current(connection, consulted)
-            for name, others in consulted.items():
+            _read_current(connection, partitions_)
+            for name, others in partitions_.items():
                 if not _is_shard(name):
                     _read_current(connection, others, task_id)
         else:
-            _read_current(connection, consulted[shard], task_id)
+            _read_current(connection, partitions_[shard], task_id)
 
 
 def _read_current(connection, tree, key=None):

@@ -265,9 +265,13 @@ class Runner:
         """Skip a task already done; how a run that writes is marked.
 
         Returns ``None`` when this run takes no done-marker, else whether
-        it marks in the shared partition (see `markers`): a run that may
-        repeat an earlier delivery looks in every partition, a first
-        delivery only in the shared one.
+        it marks in the shared partition (see `markers`).  A run that may
+        repeat an earlier delivery looks in every partition now, so that
+        a redelivered task whose run committed does not run again.  A
+        first delivery looks in the shared partition when it marks, at
+        commit (`markers.mark_done`): its id is found there only when
+        another copy of its message ran first (a relay's resend, say),
+        which is rare, and a task that writes nothing does not look.
         """
         if connection is None or not self.request.id or \
                 not self.done_markers:
@@ -276,10 +280,11 @@ class Runner:
                                           self.secret)
         # A retry of this run is flagged alike (see the task's retry).
         self.request.z3c_repeated = repeated
-        when = markers.done_at(connection, self.request.id, self.retention,
-                               everywhere=repeated)
-        if when is not None:
-            raise markers.AlreadyDone(self.name, self.request.id, when)
+        if repeated:
+            when = markers.done_at(connection, self.request.id,
+                                   self.retention)
+            if when is not None:
+                raise markers.AlreadyDone(self.name, self.request.id, when)
         return repeated
 
     def _after_abort(self, manager, policy, error):
