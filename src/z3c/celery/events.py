@@ -28,28 +28,49 @@ def listened(event_class):
     counters tell), so that a run of tasks nobody listens to does not pay
     for two component look-ups each.
     """
+    return listeners()(event_class)
+
+
+def listeners():
+    """`listened` for the registries as they are now, to ask again.
+
+    The registries are looked at once: a task run asks for several event
+    classes in a row, under one site.
+    """
     subscribers = zope.event.subscribers
     if not subscribers:
-        return False
+        return _nobody
     if len(subscribers) > 1 or \
             subscribers[0] is not zope.component.event.dispatch:
-        return True
+        return _anybody
     registry = zope.component.getSiteManager().adapters
     try:
         generations = [r._generation for r in registry.ro]
     except AttributeError:      # not a zope.interface adapter registry
-        return True
+        return _anybody
     answers = _answers
     if answers.registry is not registry or \
             answers.generations != generations:
         answers.registry = registry
         answers.generations = generations
         answers.by_class = {}
-    answer = answers.by_class.get(event_class)
-    if answer is None:
-        answer = answers.by_class[event_class] = bool(registry.subscriptions(
-            [zope.interface.implementedBy(event_class)], None))
+    by_class = answers.by_class
+
+    def answer(event_class):
+        known = by_class.get(event_class)
+        if known is None:
+            known = by_class[event_class] = bool(registry.subscriptions(
+                [zope.interface.implementedBy(event_class)], None))
+        return known
     return answer
+
+
+def _nobody(event_class):
+    return False
+
+
+def _anybody(event_class):
+    return True
 
 
 def notify(event_class, *args, **kw):

@@ -19,6 +19,7 @@ import kombu.exceptions
 import transaction
 import ZODB.POSException
 import zope.component
+import zope.event
 import zope.interface
 import zope.security.interfaces
 import zope.security.management
@@ -295,9 +296,16 @@ class Runner:
             log.exception('After-abort handler of task %s[%s] failed',
                           self.name, self.request.id)
 
+    _listened = None
+
     def _notify(self, event_class, **info):
-        events.notify(event_class, self.name, self.request.id,
-                      self.principal_id, **info)
+        listened = self._listened
+        if listened is None:
+            # Once per run: the site (and its registries) stay the same.
+            listened = self._listened = events.listeners()
+        if listened(event_class):
+            zope.event.notify(event_class(self.name, self.request.id,
+                                          self.principal_id, **info))
 
 
 def run_in_transaction(manager, policy, task, func):
