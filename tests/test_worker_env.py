@@ -422,6 +422,23 @@ def test_a_first_delivery_finds_a_repeated_run_marker_when_marking(fs_db):
         write_and_mark(conn, 'again', shared=False)
 
 
+def test_a_first_delivery_marking_in_a_commit_hook_fails_the_commit(fs_db):
+    """When other before-commit hooks run (an outbox), the marker waits
+    for them, and the commit itself raises AlreadyDone."""
+    conn = fs_db()
+    write_and_mark(conn, 'hooked', shared=True)
+    conn.transaction_manager.commit()
+    txn = conn.transaction_manager.begin()
+    conn.root()['b']['hooked'] = 1
+    txn.addBeforeCommitHook(lambda: None)
+    markers.mark_at_commit(txn, conn, 'hooked', DAY, shared=False)
+    with pytest.raises(markers.AlreadyDone):
+        conn.transaction_manager.commit()
+    conn.transaction_manager.abort()
+    conn.transaction_manager.begin()
+    assert 'hooked' not in conn.root()['b']
+
+
 def test_marking_an_id_twice_in_one_partition_is_already_done(fs_db):
     conn = fs_db()
     write_and_mark(conn, 'twice', shared=False)
