@@ -1,4 +1,6 @@
 """Events fired through ``zope.event`` along a task's life."""
+import threading
+
 import zope.component
 import zope.component.event
 import zope.event
@@ -7,8 +9,12 @@ import zope.interface
 from z3c.celery import interfaces
 
 
-class _Answers:
-    """What `listened` found for the registries as they were."""
+class _Answers(threading.local):
+    """What `listened` found for the registries as they were.
+
+    One per thread: each worker thread has a ZODB connection of its own,
+    so its own copy of a persistent site's registries.
+    """
 
     registry = None
     generations = None
