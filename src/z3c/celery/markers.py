@@ -167,7 +167,7 @@ def done_at(connection, task_id, retention, now=None, everywhere=True):
     """When *task_id* was marked done (seconds since the epoch), or None.
 
     Looks in every partition, or only in the shared one
-    (``everywhere=False``: what a first delivery needs).
+    (``everywhere=False``: what a first delivery needs, when it marks).
     """
     shard = shard_name(task_id)
     for partitions in _generations(connection, retention, now):
@@ -204,15 +204,14 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
         for old in list(tree.keys(max=current - 2)):
             del tree[old]
             log.info('Pruned done-markers of generation %d', old)
-    shard = shard_name(task_id)
-    consulted = _generations(connection, retention, now)
     if not shared:
-        # A first delivery looks for its id here, not before it ran: in
-        # its shard, where a run that may repeat it marks.
-        for partitions_ in consulted:
-            when = partitions_[shard].get(task_id)
-            if when is not None:
-                raise AlreadyDone(None, task_id, when)
+        # A first delivery looks for its id now, not before it ran: in
+        # the shared partition, where a run that may repeat it marks.
+        when = done_at(connection, task_id, retention, now,
+                       everywhere=False)
+        if when is not None:
+            raise AlreadyDone(None, task_id, when)
+    shard = shard_name(task_id)
     name = shard if shared else partition_name()
     markers = partitions.get(name)
     if markers is None:
@@ -221,14 +220,14 @@ def mark_done(connection, task_id, retention, now=None, shared=True):
         raise AlreadyDone(None, task_id, markers[task_id])
     # Read as current what a run of the other kind writes to, so that
     # two runs of one message at the same time do not both commit.
-    for partitions_ in consulted:
+    for consulted in _generations(connection, retention, now):
         if shared:
-            _read_current(connection, partitions_)
-            for name, others in partitions_.items():
+            _read_current(connection, consulted)
+            for name, others in consulted.items():
                 if not _is_shard(name):
                     _read_current(connection, others, task_id)
         else:
-            _read_current(connection, partitions_[shard], task_id)
+            _read_current(connection, consulted[shard], task_id)
 
 
 def _read_current(connection, tree, key=None):
