@@ -82,11 +82,12 @@ setup(
         # Named after the module, so that ``pytest_plugins =
         # ['z3c.celery.pytest_plugin']`` does not load it a second time.
         'pytest11': [
-            'z3c.celery.pytest_plugin = z3c.celery.pytest_plugin',
+            'z3c.celery.testing.pytest_plugin = '
+            'z3c.celery.testing.pytest_plugin',
         ],
         # celery -A z3c.celery.CELERY outbox show|flush|retry|purge
         'celery.commands': [
-            'outbox = z3c.celery.relay:outbox',
+            'outbox = z3c.celery.outbox.command:outbox',
         ],
     },
 )

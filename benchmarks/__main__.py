@@ -124,7 +124,7 @@ def memory():
 
 
 def redis_server_version():
-    from z3c.celery.servers import redis_server_binary
+    from z3c.celery.testing.servers import redis_server_binary
     try:
         binary = redis_server_binary()
         out = subprocess.run([binary, '--version'], capture_output=True,

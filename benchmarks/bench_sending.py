@@ -41,11 +41,11 @@ from BTrees.OOBTree import OOBTree
 from zope.configuration import xmlconfig
 
 import z3c.celery
-from z3c.celery import dispatch
-from z3c.celery import environment
-from z3c.celery import outbox
-from z3c.celery import servers
-from z3c.celery.app import reset_connections
+from z3c.celery.sending import publish as publishing
+from z3c.celery import database
+from z3c.celery.outbox import store
+from z3c.celery.testing import servers
+from z3c.celery.settings import reset_connections
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import ITask
 
@@ -92,7 +92,7 @@ class Bench:
         with self.db.transaction() as conn:
             conn.root()['data'] = OOBTree()
         zope.component.testing.setUp()     # cleans up: set the db after
-        environment.set_database(self.db)
+        database.set_database(self.db)
         xmlconfig.string(SITE.format(broker=self.broker))
         self.app = z3c.celery.CELERY
         self.task = zope.component.getUtility(ITask, 'bench.noop')
@@ -106,7 +106,7 @@ class Bench:
         transaction.abort()
         self.conn.close()
         zope.component.testing.tearDown()
-        environment.set_database(None)
+        database.set_database(None)
         self.db.close()
         self.plain.close()
         self.redis.close()
@@ -121,9 +121,9 @@ class Bench:
     def reset(self):
         """Empty Redis and the outbox (not timed)."""
         self.client.flushall()
-        outbox.ensure_outbox(self.db)
+        store.ensure_outbox(self.db)
         with self.db.transaction() as conn:
-            box = outbox.get_outbox(conn)
+            box = store.get_outbox(conn)
             for lane in box.lanes.values():
                 if lane.records:
                     lane.records.clear()
@@ -169,12 +169,12 @@ class Bench:
     def without_pipeline(self):
         """after-commit, one producer, but one round trip per message."""
         import contextlib
-        saved = dispatch._batch
-        dispatch._batch = lambda producer: contextlib.nullcontext()
+        saved = publishing._batch
+        publishing._batch = lambda producer: contextlib.nullcontext()
         try:
             return self.mode('after-commit')
         finally:
-            dispatch._batch = saved
+            publishing._batch = saved
 
     def outbox_up(self):
         self.set_broker(self.broker)
@@ -189,7 +189,7 @@ class Bench:
         self.reset()
         self.app.conf.dispatch = 'outbox'
         elapsed = self.commit_with_tasks(SMALL)
-        assert outbox.figures(self.db)['pending'] == SMALL
+        assert store.figures(self.db)['pending'] == SMALL
         return elapsed
 
     def after_commit_down_default_retry(self):

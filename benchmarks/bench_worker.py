@@ -39,9 +39,9 @@ import zope.component
 import zope.component.testing
 from zope.configuration import xmlconfig
 
-from z3c.celery import servers
-from z3c.celery.celery import get_principal
-from z3c.celery.celery import login_principal
+from z3c.celery.testing import servers
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
 from z3c.celery.interfaces import ITask
 
 

@@ -55,7 +55,7 @@ from rich.progress import TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import exampleapp  # noqa: E402
-from z3c.celery import servers  # noqa: E402
+from z3c.celery.testing import servers  # noqa: E402
 
 
 class SetupError(Exception):
@@ -408,8 +408,8 @@ class Client:
     # Helpers
 
     def login(self, principal_id):
-        from z3c.celery.celery import get_principal
-        from z3c.celery.celery import login_principal
+        from z3c.celery.testing import get_principal
+        from z3c.celery.testing import login_principal
         login_principal(get_principal(principal_id))
 
     def task(self, name):
@@ -440,11 +440,11 @@ class Client:
                              description=label + ('' if count >= total
                                                   else ' [red](timed out)'))
         if count < total:
-            from z3c.celery import outbox
+            from z3c.celery.outbox import store
             self.timeouts.append(
                 f'{label}: {count} of {total} after '
                 f'{timeout or self.timeout:.1f} s; outbox: '
-                f'{outbox.figures(self.db)}')
+                f'{store.figures(self.db)}')
         return count >= total
 
     def published(self, names):
@@ -527,7 +527,7 @@ class Client:
             lambda state: int(result.id in state['audit']))
 
     def outbox_survives_broker_outage(self, redis, down_for, parts):
-        from z3c.celery import outbox
+        from z3c.celery.outbox import store
         publish = self.task('publish')
         figures = self.expect.outage_figures
         bar = self.progress.add_task('Broker down', total=None)
@@ -546,7 +546,7 @@ class Client:
             start = time.monotonic()
             transaction.commit()
             commit_times.append(time.monotonic() - start)
-            peak = max(peak, outbox.figures(self.db)['pending'])
+            peak = max(peak, store.figures(self.db)['pending'])
             self.progress.update(bar, description=(
                 f'Broker down: {len(names)} committed, {peak} in outbox'))
         self.expect.outage = names
@@ -692,7 +692,7 @@ def run(args, console, sizes, work_dir, parts):
     # The client loads the same zope.conf as the worker: site ZCML
     # (<celery:config>, <celery:task>) and the ZEO database.
     from z3c.celery import CELERY
-    from z3c.celery import zopeconf
+    from z3c.celery.worker import zopeconf
     zopeconf.load_zope_conf(zope_conf)
     db = zopeconf.open_databases()
     try:

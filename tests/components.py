@@ -6,7 +6,7 @@ import zope.interface
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
-from z3c.celery.runner import run_in_transaction
+from z3c.celery.worker.components import run_in_transaction
 
 
 @zope.interface.implementer(IPrincipalResolver)
@@ -24,7 +24,7 @@ class NeverRetry:
     """Gives up at the first conflict."""
 
     def is_conflict(self, error):
-        from z3c.celery.interfaces import CONFLICT_ERRORS
+        from z3c.celery.exceptions import CONFLICT_ERRORS
         return isinstance(error, CONFLICT_ERRORS)
 
     def countdown(self, task, error, retries):

@@ -11,31 +11,20 @@ import zope.security.management
 from BTrees.OOBTree import OOBTree
 from zope.configuration import xmlconfig
 
-from z3c.celery import environment
-from z3c.celery import servers
-from z3c.celery.zopeconf import ensure_root_folder
+from z3c.celery import database
+from z3c.celery import testing
+from z3c.celery.testing import servers
+from z3c.celery.worker.zopeconf import ensure_root_folder
+
+from tests.workers import PRINCIPALS
 
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 
-#: The site part every functional test loads: our package, two principals
-#: and the principal registry as the site's IAuthentication utility.
-SITE_ZCML = '''\
-<configure xmlns="http://namespaces.zope.org/zope"
-           xmlns:celery="http://namespaces.zope.org/celery">
-  <include package="zope.component" file="meta.zcml" />
-  <include package="zope.security" file="meta.zcml" />
-  <include package="zope.principalregistry" file="meta.zcml" />
-  <include package="z3c.celery" />
-  <principal id="zope.alice" title="Alice" login="alice" password="a" />
-  <principal id="zope.bob" title="Bob" login="bob" password="b" />
-  <utility
-      component="zope.principalregistry.principalregistry.principalRegistry"
-      provides="zope.authentication.interfaces.IAuthentication" />
-  {body}
-</configure>
-'''
+#: The site every functional test loads: our package, the principals of
+#: the test site and ``{body}`` (fill it in with ``str.format``).
+SITE_ZCML = testing.site_zcml('{body}', principals=PRINCIPALS)
 
 
 class VetoingDataManager:
@@ -85,11 +74,11 @@ def make_site_db(path):
 @pytest.fixture
 def db(tmp_path, zca):
     """A real FileStorage database, set as the tasks' database."""
-    database = make_site_db(str(tmp_path / 'Data.fs'))
-    environment.set_database(database)
-    yield database
-    environment.set_database(None)
-    database.close()
+    site_db = make_site_db(str(tmp_path / 'Data.fs'))
+    database.set_database(site_db)
+    yield site_db
+    database.set_database(None)
+    site_db.close()
 
 
 def read_data(db):
@@ -100,8 +89,8 @@ def read_data(db):
 @pytest.fixture
 def login():
     """Start an interaction for a principal of SITE_ZCML."""
-    from z3c.celery.celery import get_principal
-    from z3c.celery.celery import login_principal
+    from z3c.celery.testing import get_principal
+    from z3c.celery.testing import login_principal
 
     def login(principal_id):
         login_principal(get_principal(principal_id))

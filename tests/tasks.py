@@ -4,8 +4,8 @@ import zope.security.management
 from BTrees.OOBTree import OOBTree
 from ZODB.POSException import ConflictError
 
-from z3c.celery.control import Abort
-from z3c.celery.control import HandleAfterAbort
+from z3c.celery.exceptions import Abort
+from z3c.celery.exceptions import HandleAfterAbort
 
 
 def data():

@@ -6,8 +6,8 @@ import transaction
 import zope.component
 from zope.interface.verify import verifyObject
 
-from z3c.celery import components
-from z3c.celery import dispatch
+from z3c.celery.worker import components
+from z3c.celery.sending import dispatchers
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IDispatcher
@@ -22,9 +22,9 @@ from tests import tasks
     (IPrincipalResolver, components.AuthenticationPrincipalResolver()),
     (IConflictPolicy, components.BackoffConflictPolicy()),
     (IAfterAbortHandler, components.AfterAbortHandler()),
-    (IDispatcher, dispatch.AfterCommitDispatcher()),
-    (IDispatcher, dispatch.InlineDispatcher()),
-    (IDispatcher, dispatch.EagerDispatcher()),
+    (IDispatcher, dispatchers.AfterCommitDispatcher()),
+    (IDispatcher, dispatchers.InlineDispatcher()),
+    (IDispatcher, dispatchers.EagerDispatcher()),
 ])
 def test_components_provide_their_interface(interface, component):
     assert verifyObject(interface, component)

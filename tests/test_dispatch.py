@@ -14,9 +14,11 @@ from celery.exceptions import Retry
 from ZODB.POSException import ConflictError
 
 import z3c.celery
-from z3c.celery import dispatch
+from z3c.celery.message import TASK_IDS_KEY
+from z3c.celery.sending import publish as publishing
+from z3c.celery.sending import queue
 from z3c.celery.interfaces import ITask
-from z3c.celery.markers import RESENT_HEADER
+from z3c.celery.message import RESENT_HEADER
 
 from .conftest import VetoingDataManager
 
@@ -112,7 +114,7 @@ def test_extended_info_is_committed(site, db):
     transaction.commit()
     conn.close()
     record = db.storage.undoLog(0, 1)[0]
-    assert record[dispatch.TASK_IDS_KEY] == ids
+    assert record[TASK_IDS_KEY] == ids
 
 
 @pytest.mark.parametrize('args, kwargs, message', [
@@ -124,7 +126,7 @@ def test_unserializable_arguments_fail_at_delay(site, args, kwargs,
     with pytest.raises(TypeError, match=message) as info:
         task().apply_async(args, kwargs)
     assert 't.record' in str(info.value) and 'json' in str(info.value)
-    assert dispatch.queued_messages() == []
+    assert queue.queued_messages() == []
 
 
 def test_wrong_arity_fails_at_delay(site):
@@ -136,28 +138,28 @@ def test_callers_kwargs_are_not_modified(site):
     kwargs = {'key': 'a', 'value': 1, '_principal_id_': 'zope.bob'}
     task().apply_async((), kwargs)
     assert kwargs == {'key': 'a', 'value': 1, '_principal_id_': 'zope.bob'}
-    [message] = dispatch.queued_messages()
+    [message] = queue.queued_messages()
     assert message.principal_id == 'zope.bob'
     assert message.kwargs == {'key': 'a', 'value': 1}
 
 
 def test_principal_id_also_accepted_as_an_execution_option(site):
     task().apply_async(('a', 1), _principal_id_='zope.bob')
-    [message] = dispatch.queued_messages()
+    [message] = queue.queued_messages()
     assert message.principal_id == 'zope.bob'
     assert '_principal_id_' not in message.options
 
 
 def test_old_task_id_keyword_is_accepted_and_ignored(site):
     result = task().delay('a', 1, _task_id_='old')
-    [message] = dispatch.queued_messages()
+    [message] = queue.queued_messages()
     assert message.task_id == result.id != 'old'
     assert '_task_id_' not in message.kwargs
 
 
 def test_broker_down_at_commit_is_logged_with_ids_and_counted(
         load_zcml, login, caplog):
-    from z3c.celery.servers import free_port
+    from z3c.celery.testing.servers import free_port
     load_zcml(f'''
       <celery:config broker_url="redis://127.0.0.1:{free_port()}/0"
                      dispatch="after-commit"
@@ -167,11 +169,11 @@ def test_broker_down_at_commit_is_logged_with_ids_and_counted(
       <celery:task name="t.record" handler="tests.tasks.record" />
     ''')
     login('zope.alice')
-    before = dispatch.counters.publish_failures
+    before = publishing.counters.publish_failures
     ids = [task().delay('a', n).id for n in range(3)]
     with caplog.at_level(logging.ERROR):
         transaction.commit()             # the commit itself succeeds
-    assert dispatch.counters.publish_failures == before + 3
+    assert publishing.counters.publish_failures == before + 3
     for task_id in ids:
         assert task_id in caplog.text
     assert 'LOST' in caplog.text
@@ -245,7 +247,7 @@ def test_a_publish_tried_again_is_flagged(site, redis_server, monkeypatch):
     The fault is made by hand: a real broker cannot be made to lose just
     the reply.  Without batching, as with transports that cannot batch."""
     from kombu.transport import redis as redis_transport
-    monkeypatch.setattr(dispatch, '_batch',
+    monkeypatch.setattr(publishing, '_batch',
                         lambda producer: contextlib.nullcontext())
     original = redis_transport.Channel.basic_publish
     calls = []

@@ -12,13 +12,16 @@ import zope.event
 from BTrees.OOBTree import OOBTree
 
 import z3c.celery
-from z3c.celery import dispatch
-from z3c.celery import environment
-from z3c.celery import outbox
-from z3c.celery import servers
+from z3c.celery.app import BUILTIN_DISPATCHERS
+from z3c.celery.message import TASK_IDS_KEY
+from z3c.celery.sending import publish as publishing
+from z3c.celery import database
+from z3c.celery.outbox import store
+from z3c.celery.outbox.dispatcher import OutboxDispatcher
+from z3c.celery.testing import servers
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import ITask
-from z3c.celery.relay import Relay
+from z3c.celery.outbox.relay import Relay
 
 from .conftest import VetoingDataManager
 from .conftest import read_data
@@ -76,7 +79,7 @@ def test_commit_publishes_and_leaves_no_record(site, redis_db,
     transaction.commit()
     conn.close()
     assert broker_ids(redis_server) == ids
-    assert outbox.figures(db)['pending'] == 0
+    assert store.figures(db)['pending'] == 0
     assert read_data(db) == {'k': 1}
 
 
@@ -86,15 +89,15 @@ def test_records_are_written_in_the_transaction_of_the_data(
     conn = write(db, 'k', 1)
     ids = [task().delay('a', n).id for n in range(2)]
     transaction.commit()
-    lane_tree = outbox.get_outbox(conn).lanes[outbox.lane_key()].records
+    lane_tree = store.get_outbox(conn).lanes[store.lane_key()].records
     data_oid = conn.root()['data']._p_oid
     conn.close()
     # One storage transaction holds the data, the records and the ids.
     for txn in db.storage.iterator():
         extension, oids = txn.extension, {record.oid for record in txn}
-    assert extension[dispatch.TASK_IDS_KEY] == ids
+    assert extension[TASK_IDS_KEY] == ids
     assert data_oid in oids and lane_tree._p_oid in oids
-    assert set(outbox.pending_records(db)) == set(ids)
+    assert set(store.pending_records(db)) == set(ids)
 
 
 def test_broker_down_commit_is_fast_data_saved_relay_delivers_once(
@@ -112,7 +115,7 @@ def test_broker_down_commit_is_fast_data_saved_relay_delivers_once(
         # Celery's default publish retries alone take 0.6s before failing.
         assert elapsed < 0.5, elapsed
         assert read_data(db) == {'k': 'saved'}
-        assert sorted(outbox.pending_records(db)) == sorted(ids)
+        assert sorted(store.pending_records(db)) == sorted(ids)
 
         broker.start()
         relay = Relay(z3c.celery.CELERY, db, grace_period=0)
@@ -122,7 +125,7 @@ def test_broker_down_commit_is_fast_data_saved_relay_delivers_once(
         assert again.sent == 0
         delivered = broker_ids(broker)
         assert sorted(delivered) == sorted(ids)      # each exactly once
-        assert outbox.figures(db)['pending'] == 0
+        assert store.figures(db)['pending'] == 0
     finally:
         broker.close()
 
@@ -130,13 +133,13 @@ def test_broker_down_commit_is_fast_data_saved_relay_delivers_once(
 def test_broker_down_commits_do_not_wait_and_count_as_deferred(
         site, down_url, caplog):
     db = site(down_url)
-    before = dispatch.counters.deferred
+    before = publishing.counters.deferred
     with caplog.at_level(logging.INFO, 'z3c.celery.outbox'):
         for n in range(3):
             task().delay('a', n)
             transaction.commit()
-    assert dispatch.counters.deferred == before + 3
-    assert outbox.figures(db)['pending'] == 3
+    assert publishing.counters.deferred == before + 3
+    assert store.figures(db)['pending'] == 3
     # The first failure is a warning naming the task; later commits do
     # not try the broker again for a while.
     assert 'relay will send them' in caplog.text
@@ -156,7 +159,7 @@ def test_vetoing_data_manager_after_ours_sends_and_stores_nothing(
     transaction.abort()
     conn.close()
     assert broker_ids(redis_server) == []
-    assert outbox.figures(db)['pending'] == 0
+    assert store.figures(db)['pending'] == 0
     assert read_data(db) == {}
 
 
@@ -178,7 +181,7 @@ def test_savepoints_leave_exactly_the_surviving_tasks(site, down_url):
     transaction.savepoint()            # taken after queueing: never raises
     del middle
     transaction.commit()
-    records = outbox.pending_records(db)
+    records = store.pending_records(db)
     assert sorted(records) == sorted([kept, also_kept])
     assert {r['args'][0] for r in records.values()} == {'kept', 'also kept'}
 
@@ -187,7 +190,7 @@ def test_record_holds_what_a_relay_needs(site, down_url):
     db = site(down_url)
     result = task().apply_async(('a', 1), countdown=30, priority=3)
     transaction.commit()
-    [(task_id, record)] = outbox.pending_records(db).items()
+    [(task_id, record)] = store.pending_records(db).items()
     assert task_id == result.id
     assert record['name'] == 't.record'
     assert record['args'] == ('a', 1)
@@ -204,7 +207,7 @@ def test_without_joined_connection_a_connection_is_opened_and_closed(
     db = site(down_url)
     task().delay('a', 1)               # nothing else in this transaction
     transaction.commit()
-    assert outbox.figures(db)['pending'] == 1
+    assert store.figures(db)['pending'] == 1
     pool = db.pool
     assert len(pool.available) == len(pool.all)   # all closed again
 
@@ -218,7 +221,7 @@ def test_joined_connection_is_used_never_a_second_one(site, down_url):
     conn.close()
     # A second connection of the database would have been a new one.
     assert len(db.pool.all) == opened_before
-    assert outbox.figures(db)['pending'] == 1
+    assert store.figures(db)['pending'] == 1
 
 
 def test_named_database_of_a_multi_database_holds_the_outbox(
@@ -229,7 +232,7 @@ def test_named_database_of_a_multi_database_holds_the_outbox(
     other = ZODB.DB(ZODB.MappingStorage.MappingStorage(),
                     databases=databases, database_name='tasks')
     try:
-        environment.set_database(main)
+        database.set_database(main)
         load_zcml(config(down_url, extra='zodb_database="tasks"'))
         login('zope.alice')
         conn = main.open()
@@ -238,12 +241,12 @@ def test_named_database_of_a_multi_database_holds_the_outbox(
         transaction.commit()
         # Written through the sibling connection of the committing one.
         sibling = conn.connections['tasks']
-        assert outbox.get_outbox(sibling) is not None
+        assert store.get_outbox(sibling) is not None
         conn.close()
-        assert outbox.figures(other)['pending'] == 1
-        assert outbox.figures(main)['pending'] == 0
+        assert store.figures(other)['pending'] == 1
+        assert store.figures(main)['pending'] == 0
     finally:
-        environment.set_database(None)
+        database.set_database(None)
         main.close()
         other.close()
 
@@ -251,11 +254,11 @@ def test_named_database_of_a_multi_database_holds_the_outbox(
 def test_default_mode_is_outbox(load_zcml, db, login, down_url):
     load_zcml(f'<celery:config broker_url="{down_url}" />' + TASKS)
     login('zope.alice')
-    assert isinstance(dispatch.get_dispatcher(z3c.celery.CELERY),
-                      outbox.OutboxDispatcher)
+    assert isinstance(z3c.celery.CELERY.dispatcher(),
+                      OutboxDispatcher)
     task().delay('a', 1)
     transaction.commit()
-    assert outbox.figures(db)['pending'] == 1
+    assert store.figures(db)['pending'] == 1
 
 
 def test_default_mode_without_database_falls_back_to_after_commit(
@@ -292,7 +295,7 @@ def test_events_sent_after_commit_and_for_relayed_tasks(
         transaction.commit()
         assert [type(e).__name__ for e in seen] == ['TaskQueued']
         z3c.celery.CELERY.conf.broker_url = redis_db
-        from z3c.celery.app import reset_connections
+        from z3c.celery.settings import reset_connections
         reset_connections(z3c.celery.CELERY)
         Relay(z3c.celery.CELERY, db, grace_period=0).run_once()
     finally:
@@ -305,9 +308,9 @@ def test_events_sent_after_commit_and_for_relayed_tasks(
 def test_outbox_dispatcher_is_registered_and_builtin(load_zcml):
     load_zcml()
     assert isinstance(zope.component.getUtility(IDispatcher, 'outbox'),
-                      outbox.OutboxDispatcher)
-    assert isinstance(dispatch.BUILTIN_DISPATCHERS['outbox'](),
-                      outbox.OutboxDispatcher)
+                      OutboxDispatcher)
+    assert isinstance(BUILTIN_DISPATCHERS['outbox'](),
+                      OutboxDispatcher)
 
 
 def test_many_tasks_in_one_commit_all_leave_in_order(site, redis_db,
@@ -316,4 +319,4 @@ def test_many_tasks_in_one_commit_all_leave_in_order(site, redis_db,
     ids = [task().delay('a', n).id for n in range(1200)]
     transaction.commit()
     assert broker_ids(redis_server) == ids
-    assert outbox.figures(db)['pending'] == 0
+    assert store.figures(db)['pending'] == 0

@@ -9,9 +9,9 @@ import pytest
 import ZEO
 
 import z3c.celery
-from z3c.celery import outbox
-from z3c.celery import servers
-from z3c.celery.relay import Relay
+from z3c.celery.outbox import store
+from z3c.celery.testing import servers
+from z3c.celery.outbox.relay import Relay
 
 from .conftest import ROOT
 from .conftest import make_site_db
@@ -29,7 +29,7 @@ from BTrees.OOBTree import OOBTree
 from ZODB.POSException import ConflictError
 from zope.configuration import xmlconfig
 from tests.conftest import SITE_ZCML
-from z3c.celery import environment
+from z3c.celery import database
 from z3c.celery.interfaces import ITask
 
 mode, where, broker, name, count = sys.argv[1:6]
@@ -38,7 +38,7 @@ if mode == 'zeo':
     db = ZEO.DB(('127.0.0.1', int(where)))
 else:
     db = ZODB.DB(ZODB.FileStorage.FileStorage(where))
-environment.set_database(db)
+database.set_database(db)
 xmlconfig.string(SITE_ZCML.format(body=f"""
   <celery:config broker_url="{broker}" dispatch="outbox" />
   <celery:task name="t.record" handler="tests.tasks.record" />"""))
@@ -121,11 +121,11 @@ def test_process_killed_between_commit_and_publish(
     try:
         with db.transaction() as conn:
             assert conn.root()['data']['k'] == 'committed'
-        assert sorted(outbox.pending_records(db)) == sorted(ids)
+        assert sorted(store.pending_records(db)) == sorted(ids)
         report = Relay(z3c.celery.CELERY, db, grace_period=0).run_once()
         assert report.sent == 5
         assert broker_ids(redis_server) == ids     # same ids, same order
-        assert outbox.figures(db)['pending'] == 0
+        assert store.figures(db)['pending'] == 0
     finally:
         db.close()
 
@@ -159,7 +159,7 @@ def test_two_processes_enqueue_concurrently_without_conflicts(
         ids = results[0]['ids'] + results[1]['ids']
         assert len(set(ids)) == 400
         assert sorted(broker_ids(redis_server)) == sorted(ids)
-        figures = outbox.figures(db)
+        figures = store.figures(db)
         assert (figures['pending'], figures['lanes']) == (0, 2)
         with db.transaction() as conn:
             assert len(conn.root()['p1']) == len(conn.root()['p2']) == 200

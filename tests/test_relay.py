@@ -7,14 +7,16 @@ import transaction
 from celery.utils import uuid
 
 import z3c.celery
-from z3c.celery import dispatch
-from z3c.celery import outbox
-from z3c.celery import servers
-from z3c.celery.markers import RESENT_HEADER
-from z3c.celery.relay import Relay
-from z3c.celery.relay import RelayTimer
-from z3c.celery.relay import purge
-from z3c.celery.relay import retry_dead_letters
+from z3c.celery.message import TaskMessage
+from z3c.celery.sending import publish as publishing
+from z3c.celery.outbox import store as outbox_store
+from z3c.celery.testing import servers
+from z3c.celery.message import RESENT_HEADER
+from z3c.celery.outbox import relay
+from z3c.celery.outbox.relay import Relay
+from z3c.celery.outbox.relay import RelayTimer
+from z3c.celery.outbox.store import purge
+from z3c.celery.outbox.store import retry_dead_letters
 
 from .test_outbox import broker_ids
 
@@ -32,7 +34,7 @@ def broker(load_zcml, db, redis_db):
 
 
 def message(n, **options):
-    return dispatch.TaskMessage('t.record', ('k', n), {}, options, uuid(),
+    return TaskMessage('t.record', ('k', n), {}, options, uuid(),
                                 'zope.alice')
 
 
@@ -40,7 +42,7 @@ def store(db, messages, key='a-lane', created=None):
     """Commit outbox records of *messages*, as a committing process does."""
     manager = transaction.TransactionManager()
     txn = manager.begin()
-    outbox.write_records(txn, db, messages, key=key, now=created)
+    outbox_store.write_records(txn, db, messages, key=key, now=created)
     manager.commit()
     return [m.task_id for m in messages]
 
@@ -53,21 +55,21 @@ def test_records_younger_than_the_grace_period_are_left_alone(
     later = Relay(APP, db, grace_period=10, clock=lambda: time.time() + 11)
     assert later.run_once().sent == 3
     assert broker_ids(redis_server) == ids          # oldest first
-    assert outbox.figures(db)['pending'] == 0
+    assert outbox_store.figures(db)['pending'] == 0
 
 
 def test_a_record_claimed_by_one_relay_is_not_sent_by_another(
         broker, db, redis_server, monkeypatch):
     ids = store(db, [message(n) for n in range(5)], created=0)
     first, second = Relay(APP, db), Relay(APP, db)
-    original = dispatch.publish
+    original = publishing.publish
     seen = []
 
     def publish_while_another_relay_runs(*args, **kw):
         if not seen:
             seen.append(second.run_once())
         return original(*args, **kw)
-    monkeypatch.setattr(dispatch, 'publish', publish_while_another_relay_runs)
+    monkeypatch.setattr(relay, 'publish', publish_while_another_relay_runs)
     report = first.run_once()
     assert report.sent == 5
     assert seen[0].sent == 0
@@ -83,9 +85,9 @@ def test_broker_down_uses_no_attempts(load_zcml, db):
         report = relay.run_once(force=True)
         assert (report.sent, report.waiting, report.dead) == (0, 3, 0)
         assert report.error is not None
-    records = outbox.pending_records(db)
+    records = outbox_store.pending_records(db)
     assert [r['attempts'] for r in records.values()] == [0, 0, 0]
-    assert outbox.figures(db)['dead'] == 0
+    assert outbox_store.figures(db)['dead'] == 0
 
 
 def test_a_message_that_keeps_failing_becomes_a_dead_letter(
@@ -98,24 +100,24 @@ def test_a_message_that_keeps_failing_becomes_a_dead_letter(
     first = relay.run_once(force=True)
     assert (first.sent, first.failed, first.dead) == (1, 1, 0)
     assert broker_ids(redis_server) == good
-    record = outbox.pending_records(db)[bad]
+    record = outbox_store.pending_records(db)[bad]
     assert record['attempts'] == 1
     assert 'no-such-serializer' in record['error']
     # Not due before its backoff, unless forced.
     assert relay.run_once().failed == 0
     second = relay.run_once(force=True)
     assert (second.sent, second.failed, second.dead) == (0, 0, 1)
-    figures = outbox.figures(db)
+    figures = outbox_store.figures(db)
     assert (figures['pending'], figures['dead']) == (0, 1)
-    assert list(outbox.dead_letters(db)) == [bad]
+    assert list(outbox_store.dead_letters(db)) == [bad]
 
     assert retry_dead_letters(db) == [bad]
-    assert outbox.figures(db)['dead'] == 0
-    assert outbox.pending_records(db)[bad]['attempts'] == 0
+    assert outbox_store.figures(db)['dead'] == 0
+    assert outbox_store.pending_records(db)[bad]['attempts'] == 0
     assert relay.run_once().failed == 1            # due at once
     relay.run_once(force=True)
     assert purge(db) == (1, 0)
-    figures = outbox.figures(db)
+    figures = outbox_store.figures(db)
     assert (figures['pending'], figures['dead']) == (0, 0)
 
 
@@ -123,20 +125,20 @@ def test_abandoned_empty_lanes_are_pruned(broker, db):
     store(db, [message(1)], key='old-lane', created=0)
     store(db, [message(2)], key='busy-lane', created=0)
     with db.transaction() as conn:
-        lanes = outbox.get_outbox(conn).lanes
+        lanes = outbox_store.get_outbox(conn).lanes
         lanes['old-lane'].touched = 0
         lanes['old-lane'].records.clear()
     relay = Relay(APP, db, lane_retention=3600)
     report = relay.run_once()
     assert report.pruned == 1
     with db.transaction() as conn:
-        assert list(outbox.get_outbox(conn).lanes) == ['busy-lane']
+        assert list(outbox_store.get_outbox(conn).lanes) == ['busy-lane']
 
 
 def test_purge_pending_drops_every_record(broker, db):
     store(db, [message(n) for n in range(4)], created=0)
     assert purge(db, pending=True) == (0, 4)
-    assert outbox.figures(db)['pending'] == 0
+    assert outbox_store.figures(db)['pending'] == 0
 
 
 def test_relay_timer_delivers_in_the_background(broker, db, redis_server):
@@ -150,7 +152,7 @@ def test_relay_timer_delivers_in_the_background(broker, db, redis_server):
     finally:
         timer.stop()
     assert sorted(broker_ids(redis_server)) == sorted(ids)
-    assert outbox.figures(db)['pending'] == 0
+    assert outbox_store.figures(db)['pending'] == 0
 
 
 def test_relayed_messages_are_flagged_as_possibly_sent_before(

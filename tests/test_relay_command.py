@@ -8,9 +8,10 @@ import pytest
 import transaction
 from celery.utils import uuid
 
-from z3c.celery import dispatch
-from z3c.celery import outbox
-from z3c.celery import servers
+from z3c.celery.message import TaskMessage
+from z3c.celery.message import make_record
+from z3c.celery.outbox import store
+from z3c.celery.testing import servers
 
 from .conftest import ROOT
 from .conftest import make_site_db
@@ -21,7 +22,7 @@ CELERY = os.path.join(os.path.dirname(sys.executable), 'celery')
 
 
 def message(n):
-    return dispatch.TaskMessage('t.record', ('k', n), {}, {}, uuid(),
+    return TaskMessage('t.record', ('k', n), {}, {}, uuid(),
                                 'zope.alice')
 
 
@@ -33,13 +34,13 @@ def storage(tmp_path):
     manager = transaction.TransactionManager()
     txn = manager.begin()
     pending = [message(n) for n in range(3)]
-    outbox.write_records(txn, db, pending, key='web:1:1', now=0)
+    store.write_records(txn, db, pending, key='web:1:1', now=0)
     manager.commit()
     dead = [message(n) for n in (10, 11)]
     with db.transaction() as conn:
-        letters = outbox.get_outbox(conn).dead
+        letters = store.get_outbox(conn).dead
         for m in dead:
-            letters[m.task_id] = dict(outbox.make_record(m, 0),
+            letters[m.task_id] = dict(make_record(m, 0),
                                       attempts=10, error='refused')
     db.close()
     conf = tmp_path / 'zodb.conf'
@@ -110,7 +111,7 @@ def test_zope_conf_gives_database_and_broker(tmp_path, redis_db,
     manager = transaction.TransactionManager()
     txn = manager.begin()
     pending = [message(n) for n in range(2)]
-    outbox.write_records(txn, db, pending, key='web:2:2', now=0)
+    store.write_records(txn, db, pending, key='web:2:2', now=0)
     manager.commit()
     db.close()
     site = workers.write_site(str(tmp_path / 'site'), redis_db,

@@ -12,9 +12,9 @@ import transaction
 import zope.component
 from zope.configuration import xmlconfig
 
-from z3c.celery import environment
-from z3c.celery import outbox
-from z3c.celery import servers
+from z3c.celery import database
+from z3c.celery.outbox import store
+from z3c.celery.testing import servers
 from z3c.celery.interfaces import ITask
 
 from tests import workers
@@ -43,10 +43,10 @@ def web(zca, zodb, login):
     xmlconfig.string(SITE_ZCML.format(body=f'''
       <celery:config broker_url="{down}" dispatch="outbox" />
       <include file="{tasks_zcml}" />'''))
-    environment.set_database(zodb)
+    database.set_database(zodb)
     login('zope.alice')
     yield zodb
-    environment.set_database(None)
+    database.set_database(None)
 
 
 def test_worker_relay_delivers_what_the_web_process_could_not_send(
@@ -60,7 +60,7 @@ def test_worker_relay_delivers_what_the_web_process_could_not_send(
     ids.append(increment.delay('relayed-count').id)
     transaction.commit()
     conn.close()
-    pending = outbox.pending_records(zodb)
+    pending = store.pending_records(zodb)
     assert sorted(pending) == sorted(ids)       # the broker was away
 
     def done():
@@ -70,7 +70,7 @@ def test_worker_relay_delivers_what_the_web_process_could_not_send(
     data = workers.wait_for(done, 30, message='relayed tasks ran')
     assert [data[f'relayed-{n}'] for n in range(3)] == [
         (0, 'zope.alice'), (1, 'zope.alice'), (2, 'zope.alice')]
-    workers.wait_for(lambda: outbox.figures(zodb)['pending'] == 0, 10,
+    workers.wait_for(lambda: store.figures(zodb)['pending'] == 0, 10,
                      message='outbox empty')
     worker.wait_for_log(r'Outbox relay published 4 task\(s\)', timeout=10)
     assert workers.read_data(zodb)['relayed-count'] == 1   # once

@@ -13,11 +13,11 @@ from ZODB.POSException import ConflictError
 
 import z3c.celery
 from z3c.celery import events
-from z3c.celery.components import BackoffConflictPolicy
-from z3c.celery.interfaces import ConflictRetriesExceeded
+from z3c.celery.worker.components import BackoffConflictPolicy
+from z3c.celery.exceptions import ConflictRetriesExceeded
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import ITask
-from z3c.celery.interfaces import UnknownPrincipal
+from z3c.celery.exceptions import UnknownPrincipal
 
 from .conftest import read_data
 from tests import tasks

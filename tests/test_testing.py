@@ -10,8 +10,8 @@ import zope.component
 import z3c.celery
 import z3c.celery.conftest
 from z3c.celery import layer
-from z3c.celery import outbox
-from z3c.celery import servers
+from z3c.celery.outbox import store
+from z3c.celery.testing import servers
 from z3c.celery import testing
 from z3c.celery.interfaces import ITask
 
@@ -133,7 +133,7 @@ def test_outbox_helpers_show_the_waiting_tasks(
         (second.id, ('b', 2), 'zope.editor')]
     assert testing.outbox_figures(zope_celery_db)['pending'] == 2
     assert testing.outbox_dead_letters(zope_celery_db) == []
-    assert set(outbox.pending_records(zope_celery_db)) == {
+    assert set(store.pending_records(zope_celery_db)) == {
         first.id, second.id}
 
 

@@ -19,13 +19,13 @@ from celery.exceptions import NotRegistered
 from zope.configuration import xmlconfig
 
 import z3c.celery
-from z3c.celery import environment
-from z3c.celery import markers
-from z3c.celery.celery import get_principal
-from z3c.celery.celery import login_principal
+from z3c.celery import database
+from z3c.celery.worker import markers
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
-from z3c.celery.signing import InvalidSignature
+from z3c.celery.exceptions import InvalidSignature
 
 from tests import workers
 
@@ -54,7 +54,7 @@ def client(site, worker, zodb):
     """This process as a web process of the site, logged in as Alice."""
     zope.component.testing.setUp()
     xmlconfig.file(site.site_zcml)
-    environment.set_database(zodb)
+    database.set_database(zodb)
     login_principal(get_principal('zope.alice'))
     yield
     transaction.abort()

@@ -16,11 +16,13 @@ import zope.component.hooks
 from celery.exceptions import Ignore
 
 import z3c.celery
-from z3c.celery import environment
-from z3c.celery import markers
-from z3c.celery import runner
-from z3c.celery import worker
-from z3c.celery import zopeconf
+from z3c.celery import database
+from z3c.celery.worker import markers
+from z3c.celery.worker import connection as worker_connection
+from z3c.celery.message import commit_token
+from z3c.celery.worker import bootsteps
+from z3c.celery.worker.connection import catch_up
+from z3c.celery.worker import zopeconf
 from z3c.celery.interfaces import ITask
 
 from tests import tasks
@@ -79,14 +81,14 @@ def test_open_databases_registers_sets_and_closes(site):
     db = zopeconf.open_databases()
     try:
         assert zope.component.getUtility(ZODB.interfaces.IDatabase) is db
-        assert environment.get_database() is db
+        assert database.get_database() is db
         with db.transaction() as conn:
             root = conn.root()
             assert root['data']['k'] == 'v'
             assert markers.CONTAINER_KEY in root
     finally:
         zopeconf.close_databases()
-    assert environment.get_database() is None
+    assert database.get_database() is None
     assert zope.component.queryUtility(ZODB.interfaces.IDatabase) is None
 
 
@@ -96,7 +98,7 @@ def test_root_folder_is_created_once_when_missing(tmp_path):
         assert zopeconf.ensure_root_folder(db) is True
         assert zopeconf.ensure_root_folder(db) is False
         with db.transaction() as conn:
-            site = conn.root()[environment.ROOT_NAME]
+            site = conn.root()[database.ROOT_NAME]
             assert zope.component.interfaces.ISite.providedBy(site)
     finally:
         db.close()
@@ -104,18 +106,18 @@ def test_root_folder_is_created_once_when_missing(tmp_path):
 
 def test_boot_without_zope_conf_says_what_to_set(zca):
     app = z3c.celery.CELERY
-    with pytest.raises(worker.WorkerSetupError) as error:
-        worker.boot(app)
-    assert str(error.value) == worker.NO_ZOPE_CONF
-    assert worker._state.booted is False
+    with pytest.raises(bootsteps.WorkerSetupError) as error:
+        bootsteps.boot(app)
+    assert str(error.value) == bootsteps.NO_ZOPE_CONF
+    assert bootsteps._state.booted is False
 
 
 def test_worker_boot_timeout_sets_proc_alive_timeout(site, monkeypatch):
-    monkeypatch.setattr(worker, '_state', worker._State())
+    monkeypatch.setattr(bootsteps, '_state', bootsteps._State())
     app = z3c.celery.CELERY
     app.conf.worker_boot_timeout = 42
     try:
-        worker.boot(app, site.zope_conf)
+        bootsteps.boot(app, site.zope_conf)
         assert app.conf.worker_proc_alive_timeout == 42.0
         assert app.conf.result_backend_always_retry is True
     finally:
@@ -126,7 +128,7 @@ def test_worker_boot_timeout_sets_proc_alive_timeout(site, monkeypatch):
 
 def test_logging_ini_of_the_site_zcml_is_applied(tmp_path, monkeypatch, zca):
     """LOGGING_INI in <celery:config> counts, although read late."""
-    monkeypatch.setattr(worker, '_state', worker._State())
+    monkeypatch.setattr(bootsteps, '_state', bootsteps._State())
     ini = tmp_path / 'logging.ini'
     ini.write_text('[loggers]\nkeys = root\n[handlers]\nkeys =\n'
                    '[formatters]\nkeys =\n[logger_root]\nhandlers =\n')
@@ -139,7 +141,7 @@ def test_logging_ini_of_the_site_zcml_is_applied(tmp_path, monkeypatch, zca):
     app = z3c.celery.CELERY
     app.log.already_setup, saved = True, app.log.already_setup
     try:
-        worker.boot(app, site.zope_conf)
+        bootsteps.boot(app, site.zope_conf)
     finally:
         app.log.already_setup = saved
         app.conf.changes.pop('result_backend_always_retry', None)
@@ -150,7 +152,7 @@ def test_worker_options_are_installed():
     names = {option.name for option in
              z3c.celery.CELERY.user_options['worker']}
     assert {'zope_conf', 'logging_ini'} <= names
-    assert worker.ZopeEnvironment in z3c.celery.CELERY.steps['worker']
+    assert bootsteps.ZopeEnvironment in z3c.celery.CELERY.steps['worker']
 
 
 # Done-markers through the runner, in-process
@@ -212,7 +214,7 @@ def pool_process(load_zcml, db, login):
     login('zope.alice')
     RAN.clear()
     yield db
-    runner.release_connection()
+    worker_connection.release_connection()
 
 
 def run_in_pool(key, task_id, **flags):
@@ -289,7 +291,7 @@ def test_marker_written_by_a_later_commit_hook_counts(inline):
         txn = manager.begin()
         # As the runner does: the task's manager and site for the thread.
         thread_manager.manager = manager
-        zope.component.hooks.setSite(environment.root_site(conn))
+        zope.component.hooks.setSite(database.root_site(conn))
         writes_in_hook()     # the task only queued something
         markers.mark_at_commit(txn, conn, 'hooked', 100)
         manager.commit()
@@ -327,34 +329,34 @@ def test_commit_token_and_catch_up_over_zeo(tmp_path, zca):
     """A worker's ZEO client sees the sender's commit before the task."""
     import ZEO
 
-    from z3c.celery import servers
+    from z3c.celery.testing import servers
     with servers.ZEOServer(str(tmp_path / 'zeo.fs')) as zeo:
         sender = ZEO.DB(zeo.address)
         receiver = ZEO.DB(zeo.address)      # no server-sync
         try:
             workers.prepare_database(sender)
-            environment.set_database(sender)
+            database.set_database(sender)
             for i in range(20):
                 with sender.transaction() as conn:
                     conn.root()['data']['n'] = i
-                token = worker.commit_token(z3c.celery.CELERY)
+                token = commit_token(z3c.celery.CELERY)
                 assert token == sender.lastTransaction().hex()
-                worker.catch_up(receiver, token)
+                catch_up(receiver, token)
                 assert receiver.storage.lastTransaction() >= \
                     bytes.fromhex(token)
                 with receiver.transaction() as conn:
                     assert conn.root()['data']['n'] == i
             # Up to date: no round trip is made.
-            assert worker.catch_up(receiver, token) is False
-            assert worker.catch_up(receiver, None) is False
+            assert catch_up(receiver, token) is False
+            assert catch_up(receiver, None) is False
         finally:
-            environment.set_database(None)
+            database.set_database(None)
             sender.close()
             receiver.close()
 
 
 def test_no_database_no_token(zca):
-    assert worker.commit_token(z3c.celery.CELERY) is None
+    assert commit_token(z3c.celery.CELERY) is None
 
 
 # Partitions: a first delivery marks in its process's own partition and,
@@ -502,11 +504,11 @@ def test_an_object_changed_since_fails_before_the_commit(
         mine.readCurrent(mine.root()['b'])
     else:
         mine.root()['b']['x'] = 1
-    runner._raise_known_conflict(mine)      # nothing changed yet
+    worker_connection.raise_known_conflict(mine)      # nothing changed yet
     other.root()['b']['y'] = 2
     other.transaction_manager.commit()
     with pytest.raises(error, match=message):
-        runner._raise_known_conflict(mine)
+        worker_connection.raise_known_conflict(mine)
     # What the commit would have said too.
     with pytest.raises(error):
         mine.transaction_manager.commit()
@@ -523,7 +525,7 @@ def test_a_change_reported_late_but_already_seen_is_no_conflict(fs_db):
     assert changed['y'] == 2
     changed['x'] = 1
     mine._storage._invalidate(changed._p_serial, [changed._p_oid])
-    runner._raise_known_conflict(mine)
+    worker_connection.raise_known_conflict(mine)
     mine.transaction_manager.commit()
 
 
@@ -535,7 +537,7 @@ def test_conflicts_an_object_resolves_are_left_to_the_commit(fs_db):
     mine.root()['length'].change(1)
     other.root()['length'].change(2)
     other.transaction_manager.commit()
-    runner._raise_known_conflict(mine)      # Length resolves it
+    worker_connection.raise_known_conflict(mine)      # Length resolves it
     mine.transaction_manager.commit()
     setup.transaction_manager.begin()
     assert setup.root()['length']() == 3

@@ -11,9 +11,9 @@ import zope.component.testing
 import zope.security.management
 from zope.configuration import xmlconfig
 
-from z3c.celery import markers
-from z3c.celery.celery import get_principal
-from z3c.celery.celery import login_principal
+from z3c.celery.worker import markers
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
 from z3c.celery.interfaces import ITask
 
 from tests import workers

@@ -39,7 +39,7 @@ class Policy:
 
 def test_config_handler_records_one_action_and_changes_nothing():
     context = RecordingContext()
-    from z3c.celery.app import loaded_conf
+    from z3c.celery.settings import loaded_conf
     before = dict(loaded_conf(z3c.celery.CELERY).changes)
     metaconfigure.config(context, broker_url='memory://', task_default_queue='q')
     assert dict(z3c.celery.CELERY.conf.changes) == before
@@ -109,7 +109,7 @@ def test_config_from_file_and_module_attributes_win(load_zcml, tmp_path):
 
 def test_our_settings_come_from_zcml_then_celeryconfig_then_defaults(
         load_zcml):
-    from z3c.celery.app import Z3C_DEFAULTS
+    from z3c.celery.settings import DEFAULTS as Z3C_DEFAULTS
     app = z3c.celery.CELERY
     load_zcml('<celery:config done_marker_retention="60" '
               'conflict_backoff_cap="2.5" />')

@@ -1,32 +1,27 @@
-"""Real ``celery worker`` processes for tests, examples and benchmarks.
+"""The test site of real ``celery worker`` processes, for tests and benchmarks.
 
 * `write_site` writes a zope.conf (FileStorage or ZEO client) and a site
   ZCML (``<celery:config>`` pointing at a given Redis, the principals
   ``zope.alice`` / ``zope.bob``, the tasks of ``tests/site/tasks.zcml``)
-  from the templates in ``tests/site``.
-* `Worker` runs ``celery -A z3c.celery.CELERY worker --zope-conf ...`` as a
-  child process (``PYTHONPATH`` includes the checkout, so ``tests.*`` is
-  importable), waits until it answers a ping, and stops it by its pid:
-  SIGTERM, then SIGKILL to its process group after a bounded wait.  Use it
-  as a context manager or call `start` / `stop` from a fixture.
+  with the templates of `z3c.celery.testing`.
+* `Worker` is `z3c.celery.testing.WorkerProcess` with our defaults (the
+  checkout on its ``PYTHONPATH``, so ``tests.*`` is importable).
 * `PersistentRedis`: a Redis that keeps its data over a restart.
 
 Every wait is bounded; a failure to start raises with the worker's log.
 """
-import contextlib
 import os
-import re
-import signal
-import string
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 
-import celery
+from z3c.celery import testing
+from z3c.celery.testing import servers
+from z3c.celery.testing.worker import WorkerError  # noqa: F401
 
-from z3c.celery import servers
+
+#: The principals of the test site (``id, title, login, password``).
+PRINCIPALS = (('zope.alice', 'Alice', 'alice', 'a'),
+              ('zope.bob', 'Bob', 'bob', 'b'))
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,14 +45,6 @@ class Site:
         return f'<Site {self.zope_conf}>'
 
 
-def _fill(template_name, target, **values):
-    with open(os.path.join(SITE_DIR, template_name)) as f:
-        text = string.Template(f.read()).substitute(values)
-    with open(target, 'w') as f:
-        f.write(text)
-    return target
-
-
 def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
                dispatch='after-commit', config='', extra='', events=True):
     """Write ``zope.conf`` and ``site.zcml`` into *directory*.
@@ -71,21 +58,23 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
     if (fs_path is None) == (zeo_address is None):
         raise ValueError('write_site: give either fs_path or zeo_address')
     os.makedirs(directory, exist_ok=True)
-    site_zcml = _fill(
-        'site.zcml.in', os.path.join(directory, 'site.zcml'),
-        site_dir=SITE_DIR, broker_url=broker_url, dispatch=dispatch,
-        config=config, extra=extra,
-        events=f'<include file="{SITE_DIR}/events.zcml" />' if events
-        else '')
-    zope_conf = os.path.join(directory, 'zope.conf')
-    if fs_path is not None:
-        _fill('zope-filestorage.conf.in', zope_conf, site_zcml=site_zcml,
-              fs_path=os.path.abspath(fs_path))
-    else:
-        if not isinstance(zeo_address, str):
-            zeo_address = '%s:%s' % tuple(zeo_address)
-        _fill('zope-zeo.conf.in', zope_conf, site_zcml=site_zcml,
-              zeo_address=zeo_address)
+    site_zcml = os.path.join(directory, 'site.zcml')
+    body = f"""
+  <celery:config
+      broker_url="{broker_url}"
+      result_backend="{broker_url}"
+      dispatch="{dispatch}"
+      {config}
+      />
+  <include file="{SITE_DIR}/tasks.zcml" />
+  {f'<include file="{SITE_DIR}/events.zcml" />' if events else ''}
+  {extra}"""
+    with open(site_zcml, 'w') as f:
+        f.write(testing.site_zcml(body, principals=PRINCIPALS))
+    zope_conf = testing.write_zope_conf(
+        os.path.join(directory, 'zope.conf'), site_zcml,
+        zodb_path=None if fs_path is None else os.path.abspath(fs_path),
+        zeo_address=zeo_address, wait_timeout=15)
     return Site(directory, zope_conf, site_zcml, broker_url, fs_path,
                 zeo_address)
 
@@ -93,9 +82,7 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
 def prepare_database(db):
     """Give *db* the root folder and the ``data`` tree the tasks use."""
     from BTrees.OOBTree import OOBTree
-
-    from z3c.celery.zopeconf import ensure_root_folder
-    ensure_root_folder(db)
+    testing.ensure_root_folder(db)
     with db.transaction() as conn:
         conn.root().setdefault('data', OOBTree())
 
@@ -196,206 +183,16 @@ def wait_results(results, timeout=60.0):
     return results
 
 
-class WorkerError(RuntimeError):
-    """A worker did not start or exited; the message holds its log."""
+def Worker(zope_conf=None, *, pool='solo', concurrency=1, loglevel='INFO',
+           start_timeout=60.0, **options):
+    """A `z3c.celery.testing.WorkerProcess` of our tests.
 
-
-class Worker:
-    """A ``celery worker`` child process for ``z3c.celery.CELERY``.
-
-    *zope_conf* is passed as ``--zope-conf`` (leave it out for the 1.x
-    ways: *config* is passed as ``--config``, *env* may name
-    ``CELERY_CONFIG_FILE``).  *broker_url* is where `start` pings the
-    worker to know it is ready; without it, `start` waits for the
-    ``ready.`` line in the log.  The log (stdout and stderr) is in
-    ``log_path``.  *app* is the ``-A`` argument (another app for
-    comparisons, e.g. a plain Celery one).
+    *zope_conf* is passed as ``--zope-conf``; the checkout is on the
+    worker's ``PYTHONPATH``.  The other *options* are those of
+    `WorkerProcess` (``broker_url``, ``logging_ini``, ``config``,
+    ``env``, ``args``, ``directory``, ``app``, ...).
     """
-
-    def __init__(self, zope_conf=None, *, broker_url=None, pool='solo',
-                 concurrency=1, logging_ini=None, config=None, env=None,
-                 args=(), directory=None, loglevel='INFO',
-                 start_timeout=60.0, stop_timeout=15.0,
-                 app='z3c.celery.CELERY'):
-        self.app = app
-        self.zope_conf = zope_conf
-        self.broker_url = broker_url
-        self.pool = pool
-        self.concurrency = concurrency
-        self.logging_ini = logging_ini
-        self.config = config
-        self.env = dict(env or {})
-        self.args = list(args)
-        self._own_dir = directory is None
-        self.directory = directory or tempfile.mkdtemp(prefix='z3c-worker-')
-        self.loglevel = loglevel
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.name = f'z3c-{uuid.uuid4().hex[:8]}@127.0.0.1'
-        self.log_path = os.path.join(self.directory,
-                                     f'worker-{self.name[4:12]}.log')
-        self.process = None
-        self._log = None
-        self._ping_app = None
-
-    def command(self):
-        command = [sys.executable, '-m', 'celery', '-A', self.app]
-        if self.config:
-            command += ['--config', self.config]
-        command += ['worker', '-P', self.pool, '-c', str(self.concurrency),
-                    '-n', self.name, '-l', self.loglevel,
-                    '--without-gossip', '--without-mingle',
-                    '--without-heartbeat']
-        if self.zope_conf:
-            command += ['--zope-conf', self.zope_conf]
-        if self.logging_ini:
-            command += ['--logging-ini', self.logging_ini]
-        return command + self.args
-
-    def environ(self):
-        env = dict(os.environ)
-        for name in ('CELERY_CONFIG_MODULE', 'CELERY_CONFIG_FILE'):
-            env.pop(name, None)
-        pythonpath = [ROOT] + [p for p in env.get('PYTHONPATH', '').split(
-            os.pathsep) if p]
-        env['PYTHONPATH'] = os.pathsep.join(pythonpath)
-        env['PYTHONUNBUFFERED'] = '1'
-        env.update(self.env)
-        return env
-
-    def start(self, wait=True):
-        """Start the process; with *wait*, until it is ready."""
-        self._log = open(self.log_path, 'ab')
-        self.process = subprocess.Popen(
-            self.command(), cwd=self.directory, env=self.environ(),
-            stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.stop()
-                raise
-        return self
-
-    @property
-    def pid(self):
-        return self.process.pid if self.process is not None else None
-
-    def pool_pids(self):
-        """The pids of the worker's pool processes (its children)."""
-        path = f'/proc/{self.pid}/task/{self.pid}/children'
-        with open(path) as f:
-            return [int(pid) for pid in f.read().split()]
-
-    def running(self):
-        return self.process is not None and self.process.poll() is None
-
-    def log(self):
-        """The worker's output so far (text)."""
-        with contextlib.suppress(OSError), open(self.log_path, 'rb') as f:
-            return f.read().decode('utf-8', 'replace')
-        return ''
-
-    def _exited(self):
-        return WorkerError(
-            f'The worker exited with {self.process.returncode}; its '
-            f'log:\n{self.log()}')
-
-    def ping(self, timeout=1.0):
-        """Whether the worker answers a ping through the broker."""
-        for attempt in (1, 2):
-            if self._ping_app is None:
-                self._ping_app = celery.Celery(
-                    'z3c-test-ping', broker=self.broker_url,
-                    set_as_current=False)
-            try:
-                replies = self._ping_app.control.ping(
-                    destination=[self.name], timeout=timeout)
-            except Exception:
-                # A broker restarted since the last ping: reconnect once.
-                with contextlib.suppress(Exception):
-                    self._ping_app.close()
-                self._ping_app = None
-                if attempt == 2:
-                    raise
-                continue
-            return any(self.name in reply for reply in replies or ())
-
-    def wait_ready(self, timeout=None):
-        """Wait until the worker consumes (ping, or its ``ready.`` line)."""
-        timeout = self.start_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise self._exited()
-            if self.broker_url:
-                with contextlib.suppress(Exception):
-                    if self.ping(timeout=0.5):
-                        return self
-            elif re.search(r'\bready\.', self.log()):
-                return self
-            time.sleep(0.1)
-        raise WorkerError(
-            f'The worker was not ready after {timeout}s; its log:\n'
-            f'{self.log()}')
-
-    def wait_for_log(self, pattern, timeout=30.0, count=1):
-        """Wait until *pattern* (a regex) occurs *count* times in the log."""
-        def found():
-            matches = re.findall(pattern, self.log())
-            if len(matches) >= count:
-                return matches
-            if not self.running():
-                raise self._exited()
-            return None
-        return wait_for(found, timeout, 0.1,
-                        f'{pattern!r} x{count} in the worker log')
-
-    def wait_exit(self, timeout=30.0):
-        """Wait until the process ended by itself; its exit code."""
-        return self.process.wait(timeout)
-
-    def _signal_group(self, sig):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
-
-    def stop(self, timeout=None):
-        """SIGTERM (warm shutdown), then SIGKILL to the process group."""
-        timeout = self.stop_timeout if timeout is None else timeout
-        if self.process is not None:
-            if self.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-            # Pool children the parent left behind, if any.
-            self._signal_group(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        self._close()
-
-    def kill(self):
-        """SIGKILL the worker and its pool processes at once."""
-        if self.process is not None:
-            self._signal_group(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(self.stop_timeout)
-        self._close()
-
-    def _close(self):
-        if self._ping_app is not None:
-            with contextlib.suppress(Exception):
-                self._ping_app.close()
-            self._ping_app = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+    return testing.WorkerProcess(
+        zope_conf=zope_conf, timeout=start_timeout, pythonpath=[ROOT],
+        parameters={'pool': pool, 'concurrency': concurrency,
+                    'loglevel': loglevel}, **options)

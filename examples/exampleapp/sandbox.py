@@ -14,7 +14,7 @@ from zope.configuration import xmlconfig
 
 import exampleapp
 from z3c.celery import CELERY
-from z3c.celery import environment
+from z3c.celery import database
 
 
 #: The directory of the example site (site.zcml, zope.conf, ...).
@@ -49,12 +49,12 @@ def open_sandbox(directory, overrides=()):
         os.path.join(directory, 'Data.fs')))
     with db.transaction() as connection:
         exampleapp.bootstrap(connection)
-    environment.set_database(db)
+    database.set_database(db)
     return db
 
 
 def close_sandbox(db):
     """Close *db* and forget the site's configuration."""
-    environment.set_database(None)
+    database.set_database(None)
     db.close()
     zope.component.testing.tearDown()

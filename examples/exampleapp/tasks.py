@@ -4,7 +4,7 @@ Each is bound (``bind="true"``) to see its own id in ``self.request``.
 """
 import time
 
-from z3c.celery.control import HandleAfterAbort
+from z3c.celery.exceptions import HandleAfterAbort
 
 from exampleapp import data
 from exampleapp import note_run

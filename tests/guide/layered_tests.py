@@ -5,8 +5,8 @@ import transaction
 import zope.component
 import zope.security.management
 
-from z3c.celery.celery import get_principal
-from z3c.celery.celery import login_principal
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
 from z3c.celery.interfaces import ITask
 
 from tests.guide import layers

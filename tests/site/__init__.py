@@ -1,7 +1,8 @@
 """A test site for real ``celery worker`` processes (see tests/workers.py).
 
-The templates here are filled in by `tests.workers.write_site`:
-``zope-filestorage.conf.in`` / ``zope-zeo.conf.in`` (the zope.conf),
-``site.zcml.in`` (the site ZCML: ``<celery:config>`` pointing at a given
-Redis, the principals and the task registrations of ``tasks.zcml``).
+`tests.workers.write_site` writes its site ZCML with
+`z3c.celery.testing.site_zcml`: ``<celery:config>`` pointing at a given
+Redis, the principals of `tests.workers.PRINCIPALS`, the task
+registrations of ``tasks.zcml`` and (optionally) the event logger of
+``events.zcml``.
 """

@@ -1,69 +1,96 @@
-"""The Celery application of a Zope site: ``z3c.celery.CELERY``."""
+"""The application: ``ZopeCelery``, its task class and its loader.
+
+These are the three places where Celery lets an integration in
+(``task_cls``, ``loader``, the app itself), and the one module that ties
+the sending side (`z3c.celery.sending`, `z3c.celery.outbox`) to the
+worker's runner (`z3c.celery.worker.runner`).  See docs/design.rst.
+"""
 import logging
 import os
-import threading
+from collections import defaultdict
 
 import celery
-import zope.testing.cleanup
+import celery.loaders.app
+import kombu.exceptions
+import kombu.serialization
+import zope.component
+import zope.interface
+import zope.security.management
+from celery.utils import uuid
+
+from z3c.celery import settings
+from z3c.celery import signing
+from z3c.celery.interfaces import IDispatcher
+from z3c.celery.interfaces import ITask
+from z3c.celery.message import RESENT_HEADER
+from z3c.celery.message import TID_HEADER
+from z3c.celery.message import TaskMessage
+from z3c.celery.message import commit_token
+from z3c.celery.outbox.dispatcher import OutboxDispatcher
+from z3c.celery.sending import dispatchers
+from z3c.celery.sending import queue
+from z3c.celery.sending.result import QueuedResult
+from z3c.celery.worker import runner
 
 
 log = logging.getLogger(__name__)
 
 _MISSING = object()
 
-#: Settings of ours that live in the Celery configuration next to Celery's
-#: own, with their defaults.  ``<celery:config>`` accepts each of them.
-Z3C_DEFAULTS = {
-    # How queued tasks leave at commit: 'outbox', 'after-commit' or 'inline'.
-    # 'outbox' (durable) by default; a process without any ZODB database
-    # falls back to 'after-commit' with a warning (see docs/dispatch.rst).
-    'dispatch': 'outbox',
-    # Outbox relay: records younger than the grace period are left to the
-    # process that committed them; the worker's relay runs every interval
-    # seconds (0: no relay in the worker); a record whose publishing
-    # failed this many times (the broker being away does not count) goes
-    # to the dead letters.
-    'outbox_grace_period': 10.0,
-    'outbox_relay_interval': 5.0,
-    'outbox_max_attempts': 10,
-    # Conflict retry backoff (seconds): base * 2**retries, capped, jittered.
-    'conflict_backoff_base': 0.05,
-    'conflict_backoff_cap': 10.0,
-    # Name of the IDatabase utility that holds outbox and done-markers.
-    'zodb_database': '',
-    # Done-markers (effectively once, see z3c.celery.markers): on/off, and
-    # how long (seconds) a marker is kept at least; it goes within twice.
-    'done_markers': True,
-    'done_marker_retention': 7 * 24 * 3600,
-    # Message signing (z3c.celery.signing): a secret shared by senders and
-    # workers; with it, workers refuse messages not signed with it.
-    'signing_secret': None,
-    # 1.x settings, still honoured.
-    'ZOPE_CONF': None,
-    'LOGGING_INI': None,
-    'DEBUG_WORKER': False,
-    'worker_boot_timeout': None,
-}
+#: The worker's parts, named so that a process that only queues tasks
+#: never imports them: Celery imports a step when a worker is built.
+ZOPE_ENVIRONMENT_STEP = 'z3c.celery.worker.bootsteps:ZopeEnvironment'
+OUTBOX_RELAY_STEP = 'z3c.celery.outbox.relay:OutboxRelayStep'
+
+
+class _UserOptions(defaultdict):
+    """``app.user_options``, with our command-line options added when the
+    ``celery`` command first asks for them (click is loaded by then)."""
+
+    def __init__(self):
+        super().__init__(set)
+        self._ours = False
+
+    def _add_ours(self):
+        if not self._ours:
+            self._ours = True
+            from z3c.celery.worker import bootsteps   # the command's side
+            for command, options in bootsteps.command_options().items():
+                super().__getitem__(command).update(options)
+
+    def __getitem__(self, key):
+        self._add_ours()
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._add_ours()
+        return super().get(key, default)
 
 
 class ZopeCelery(celery.Celery):
     """Celery app whose tasks run in the Zope environment.
 
-    Tasks it creates are :class:`z3c.celery.task.TransactionAwareTask`: they
-    are queued in the current transaction and sent at commit.
+    Tasks it creates are `TransactionAwareTask`: they are queued in the
+    current transaction and sent at commit.  Its worker loads the site
+    (``--zope-conf``) and runs the outbox relay.
     """
 
-    task_cls = 'z3c.celery.task:TransactionAwareTask'
-    loader_cls = 'z3c.celery.loader:ZopeLoader'
+    task_cls = 'z3c.celery.app:TransactionAwareTask'
+    loader_cls = 'z3c.celery.app:ZopeLoader'
+    #: Its worker loads the site (see `z3c.celery.worker.bootsteps`).
+    zope_environment = True
 
     def __init__(self, *args, **kw):
         kw.setdefault('task_cls', self.task_cls)
         kw.setdefault('loader', self.loader_cls)
         kw.setdefault('set_as_current', False)
         super().__init__(*args, **kw)
+        self.user_options = _UserOptions()
+        self.steps['worker'].add(ZOPE_ENVIRONMENT_STEP)
+        self.steps['worker'].add(OUTBOX_RELAY_STEP)
 
     def z3c_setting(self, name):
-        """Return one of our settings (see `Z3C_DEFAULTS`)."""
+        """Return one of our settings (see `z3c.celery.settings`)."""
         # Read several times per task run: a plain look-up in each layer
         # (changes, celeryconfig, Celery's defaults) costs a fraction of
         # Settings.get, which also tries Celery's old setting names; and
@@ -72,11 +99,25 @@ class ZopeCelery(celery.Celery):
             value = layer.get(name, _MISSING)
             if value is not _MISSING:
                 return value
-        return Z3C_DEFAULTS[name]
+        return settings.DEFAULTS[name]
 
     def z3c_settings(self, *names):
         """Several of our settings at once, in a tuple."""
         return tuple(self.z3c_setting(name) for name in names)
+
+    def dispatcher(self):
+        """The `IDispatcher` of the configured dispatch mode.
+
+        ``task_always_eager`` (1.x's eager mode) wins; otherwise the
+        ``dispatch`` setting names an `IDispatcher` utility, else one of
+        the built-in modes.
+        """
+        mode = 'eager' if self.conf.task_always_eager else \
+            self.z3c_setting('dispatch')
+        found = zope.component.queryUtility(IDispatcher, name=mode)
+        if found is None:
+            found = _builtin_dispatcher(mode)
+        return found
 
     def send_task(self, name, args=None, kwargs=None, **options):
         """Celery's ``send_task``, with our message headers.
@@ -86,95 +127,189 @@ class ZopeCelery(celery.Celery):
         of its database (so that the worker reads at least that state) and,
         when ``signing_secret`` is set, a signature.
         """
-        from z3c.celery.worker import commit_token
         token = commit_token(self)
         if token:
             options['headers'] = dict(options.get('headers') or {},
-                                      z3c_tid=token)
+                                      **{TID_HEADER: token})
         secret = self.z3c_setting('signing_secret')
         if secret:
-            from celery.utils import uuid
-
-            from z3c.celery.signing import sign_options
             options['task_id'] = options.get('task_id') or uuid()
-            sign_options(secret, name, options['task_id'], args, kwargs,
-                         options)
+            signing.sign_options(secret, name, options['task_id'], args,
+                                 kwargs, options)
         return super().send_task(name, args, kwargs, **options)
 
 
-def reset_connections(app):
-    """Forget the broker pools and backend of *app*.
+#: The built-in dispatch modes; ``configure.zcml`` registers the same.
+BUILTIN_DISPATCHERS = {
+    'outbox': OutboxDispatcher,
+    'after-commit': dispatchers.AfterCommitDispatcher,
+    'inline': dispatchers.InlineDispatcher,
+    'eager': dispatchers.EagerDispatcher,
+}
+# One of each per process, as a registered utility would be (the outbox
+# dispatcher remembers a recent broker failure).
+_builtin = {}
 
-    Needed when its broker or backend setting changes after first use (a
-    test that starts its own Redis, a reloaded ``<celery:config>``).
+
+def _builtin_dispatcher(mode):
+    found = _builtin.get(mode)
+    if found is None:
+        factory = BUILTIN_DISPATCHERS.get(mode)
+        if factory is None:
+            raise ValueError(
+                f'Unknown dispatch mode {mode!r}; choose one of '
+                f'{", ".join(sorted(BUILTIN_DISPATCHERS))}')
+        found = _builtin[mode] = factory()
+    return found
+
+
+class ZopeLoader(celery.loaders.app.AppLoader):
+    """Reads a celeryconfig as 1.x did.
+
+    ``CELERY_CONFIG_MODULE`` (also what ``celery --config`` sets) names an
+    importable module; ``CELERY_CONFIG_FILE`` a Python file by path, for a
+    configuration that is not on the Python path.
     """
-    # kombu's pools are global and keyed by connection parameters: drop
-    # our references only, closing them would break other users' pools.
-    app._pool = None
-    amqp = app.__dict__.get('amqp')
-    if amqp is not None:
-        amqp._producer_pool = None
-    app._local = threading.local()  # drops the cached result backend
-    app.__dict__.pop('_z3c_flags_redeliveries', None)   # see markers
+
+    def read_configuration(self, env='CELERY_CONFIG_MODULE'):
+        path = os.environ.get('CELERY_CONFIG_FILE')
+        if path:
+            return settings.settings_from_file(path)
+        module = os.environ.get(env)
+        if module:
+            return super().read_configuration(env)
+        return {}
 
 
-class _ConfigState:
-    """Remembers what the app's configuration was before ZCML changed it."""
-
-    snapshot = None
-
-
-_config_state = _ConfigState()
-
-
-def loaded_conf(app):
-    """*app*'s configuration, loaded (the first access only starts it)."""
-    app.conf.broker_url   # noqa: B018 - reading a setting loads them
-    return app.conf
+def current_principal_id():
+    """The id of the principal of the current interaction, or ``None``."""
+    interaction = zope.security.management.queryInteraction()
+    if interaction is None:
+        return None
+    for participation in interaction.participations:
+        principal = getattr(participation, 'principal', None)
+        if principal is not None:
+            return principal.id
+    return None
 
 
-def configure_app(app, settings):
-    """Apply *settings* (from ``<celery:config>``) to *app*.
+@zope.interface.implementer(ITask)
+class TransactionAwareTask(celery.Task):
+    """A task that is sent when the current transaction commits.
 
-    Runs as a configuration action, so only once the whole site ZCML was
-    read and conflicts were resolved.
+    ``delay()`` / ``apply_async()`` check the arguments now, record the
+    principal of the current interaction (or ``_principal_id_=``) and
+    return an `AsyncResult` whose id is fixed; the message leaves only
+    after a successful commit.  In the worker, the generic runner
+    (:mod:`z3c.celery.worker.runner`) runs it in the Zope environment.
+
+    Calling the task object directly (``my_task(1, 2)``) runs the plain
+    function in the caller's transaction, as Celery does.
     """
-    if _config_state.snapshot is None:
-        _config_state.snapshot = (app, dict(loaded_conf(app).changes))
-    app.conf.update(settings)
-    reset_connections(app)
-    log.debug('Celery configured from ZCML: %s', sorted(settings))
+
+    #: Late acknowledgement: the message is acknowledged only after the
+    #: task's transaction finished, so a worker killed in between leaves
+    #: it to be redelivered (done-markers make that harmless).
+    acks_late = True
+    #: Conflicts are expected under load; the conflict policy retries up
+    #: to this many times (``None``: no limit).
+    max_retries = 10
+
+    def apply_async(self, args=None, kwargs=None, task_id=None,
+                    producer=None, link=None, link_error=None, shadow=None,
+                    **options):
+        if options.pop('_z3c_direct', False):
+            # A retry (or a relay): send now, outside any transaction.
+            # Not through Celery's apply_async: its typing check refuses
+            # the ``_principal_id_`` a retry carries (the arguments were
+            # checked when the task was queued).
+            options = dict(self._get_exec_options(), **options)
+            options.setdefault('ignore_result', self.ignore_result)
+            return self.app.send_task(
+                self.name, args, kwargs, task_id=task_id, producer=producer,
+                link=link, link_error=link_error,
+                result_cls=self.AsyncResult,
+                shadow=shadow or self.shadow_name(args, kwargs, options),
+                task_type=self, **options)
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})   # the caller's dict stays untouched
+        # The principal may come as a keyword argument (1.x) or as an
+        # execution option (``apply_async(args, _principal_id_=...)``).
+        principal_id = kwargs.pop(
+            '_principal_id_', options.pop('_principal_id_', _MISSING))
+        kwargs.pop('_task_id_', None)  # 1.x passed it; ids are ours now
+        if principal_id is _MISSING:
+            principal_id = current_principal_id()
+        self.check_call(args, kwargs, options)
+        for name, value in (('link', link), ('link_error', link_error),
+                            ('shadow', shadow)):
+            if value is not None:
+                options[name] = value
+        exec_options = {k: v for k, v in self._get_exec_options().items()
+                        if v is not None}
+        exec_options.update(options)
+        message = TaskMessage(
+            self.name, args, kwargs, exec_options, task_id or uuid(),
+            principal_id)
+        message.result = QueuedResult(
+            message.task_id, task_name=self.name, app=self.app)
+        queue.queue_message(self.app, message)
+        return message.result
+
+    def check_call(self, args, kwargs, options):
+        """Fail now (TypeError) on arguments the task cannot be sent with."""
+        if self.typing:
+            try:
+                self.__header__(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f'{self.name}: {e}') from None
+        serializer = options.get('serializer') or self.serializer or \
+            self.app.conf.task_serializer
+        try:
+            kombu.serialization.dumps((args, kwargs), serializer)
+        except (kombu.exceptions.EncodeError, TypeError, ValueError):
+            pass
+        else:
+            return
+        for index, value in enumerate(args):
+            _check_value(self.name, serializer, f'argument {index}', value)
+        for key, value in kwargs.items():
+            _check_value(self.name, serializer, f'argument {key!r}', value)
+        raise TypeError(
+            f'{self.name}: the arguments cannot be serialized with '
+            f'{serializer!r}')
+
+    def __call__(self, *args, **kwargs):
+        return runner.run(self, args, kwargs)
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None,
+              countdown=None, max_retries=None, **options):
+        """Celery's ``retry``; the new message leaves at once.
+
+        Not at commit: the transaction of the run that asks for a retry
+        is aborted.  A run that may repeat an earlier delivery (see
+        `z3c.celery.worker.markers.maybe_repeated`) flags its retry the same
+        way, so that the retry too looks for the task's done-marker
+        everywhere.
+        """
+        options.setdefault('_z3c_direct', True)
+        if getattr(self.request, 'z3c_repeated', False):
+            options['headers'] = dict(
+                options.get('headers') or self.request.headers or {},
+                **{RESENT_HEADER: True})
+        return super().retry(args, kwargs, exc, throw, eta, countdown,
+                             max_retries, **options)
+
+    @property
+    def task_id(self):
+        """1.x name: the id of the running task, ``self.request.id``."""
+        return self.request.id
 
 
-def _reset_configuration():
-    if _config_state.snapshot is None:
-        return
-    app, changes = _config_state.snapshot
-    _config_state.snapshot = None
-    app.conf.changes.clear()
-    app.conf.changes.update(changes)
-    reset_connections(app)
-
-
-zope.testing.cleanup.addCleanUp(_reset_configuration)
-
-
-def settings_from_module(module):
-    """The public upper- and lower-case names of a celeryconfig module."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith('_')
-            and not callable(value)
-            and not isinstance(value, type(os))}
-
-
-def settings_from_file(path):
-    """Execute a celeryconfig Python file and return its settings."""
-    namespace = {'__file__': path, '__name__': 'celeryconfig'}
-    with open(path) as f:
-        code = compile(f.read(), path, 'exec')
-    exec(code, namespace)
-    namespace.pop('__builtins__', None)
-    return {name: value for name, value in namespace.items()
-            if not name.startswith('_')
-            and not callable(value)
-            and not isinstance(value, type(os))}
+def _check_value(task_name, serializer, label, value):
+    try:
+        kombu.serialization.dumps(value, serializer)
+    except (kombu.exceptions.EncodeError, TypeError, ValueError) as e:
+        raise TypeError(
+            f'{task_name}: {label} cannot be serialized with {serializer!r}'
+            f' ({type(value).__name__}: {e})') from None

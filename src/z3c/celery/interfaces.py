@@ -1,17 +1,20 @@
 """Contracts between z3c.celery and the components a site plugs into it.
 
-The generic runner (:mod:`z3c.celery.runner`) looks each component up when a
-task runs, never at start-up, so a site changes behaviour in ZCML:
+The generic runner (:mod:`z3c.celery.worker.runner`) looks each component
+up when a task runs, never at start-up, so a site changes behaviour in ZCML:
 
 * a utility named after the task (``<celery:task conflict_policy="...">`` or
   ``<utility name="my.task" provides="...">``) wins over
 * the unnamed utility, which ``configure.zcml`` registers and
   ``overrides.zcml`` may replace for the whole site.
 """
-import transaction.interfaces
-import ZODB.POSException
 import zope.interface
 import zope.schema
+
+# Named in the contracts below; defined with the other exceptions.
+from z3c.celery.exceptions import CONFLICT_ERRORS  # noqa: F401
+from z3c.celery.exceptions import ConflictRetriesExceeded  # noqa: F401
+from z3c.celery.exceptions import UnknownPrincipal  # noqa: F401
 
 
 class ITask(zope.interface.Interface):
@@ -112,7 +115,7 @@ class IDispatcher(zope.interface.Interface):
 
     def before_commit(app, transaction, messages):
         """Called from a before-commit hook with the queued
-        :class:`z3c.celery.dispatch.TaskMessage` objects.
+        :class:`z3c.celery.message.TaskMessage` objects.
 
         May write to the ZODB through a connection joined to *transaction*
         (the outbox does); must not publish anything.
@@ -124,39 +127,6 @@ class IDispatcher(zope.interface.Interface):
         Must not raise: the data is committed already.  A failure is logged
         at ERROR with the task ids and counted (or kept for a relay).
         """
-
-
-class UnknownPrincipal(LookupError):
-    """The principal a task was queued for does not exist (any more)."""
-
-    def __init__(self, principal_id, task_name=None):
-        self.principal_id = principal_id
-        self.task_name = task_name
-        super().__init__(principal_id, task_name)
-
-    def __str__(self):
-        return (f'Task {self.task_name!r} was queued for principal '
-                f'{self.principal_id!r}, which the site does not know; '
-                'it was not run.')
-
-
-class ConflictRetriesExceeded(RuntimeError):
-    """A task gave up after too many write conflicts."""
-
-    def __init__(self, task_name, retries, error):
-        self.task_name = task_name
-        self.retries = retries
-        self.error = error
-        super().__init__(task_name, retries, error)
-
-    def __str__(self):
-        return (f'Task {self.task_name!r} gave up after {self.retries} '
-                f'retries on write conflicts; last error: {self.error!r}')
-
-
-#: What the default conflict policy retries.
-CONFLICT_ERRORS = (ZODB.POSException.ConflictError,
-                   transaction.interfaces.TransientError)
 
 
 class ITaskEvent(zope.interface.Interface):

@@ -4,28 +4,25 @@ They validate and record actions; nothing touches the component registry
 or the Celery app until the configuration machine executes the actions.
 """
 import zope.component.zcml
+import zope.testing.cleanup
 from zope.configuration.exceptions import ConfigurationError
 
-from z3c.celery import app as app_module
+from z3c.celery import CELERY
+from z3c.celery import settings as settings_module
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.interfaces import ITask
 
 
-def _celery_app():
-    from z3c.celery import CELERY
-    return CELERY
-
-
 def config(_context, file=None, module=None, **settings):
     """``<celery:config>``: see `ICeleryConfigDirective`."""
     values = {}
     if module is not None:
-        values.update(app_module.settings_from_module(module))
+        values.update(settings_module.settings_from_module(module))
     if file is not None:
         try:
-            values.update(app_module.settings_from_file(file))
+            values.update(settings_module.settings_from_file(file))
         except OSError as e:
             raise ConfigurationError(
                 f'Cannot read the Celery configuration file {file}: {e}')
@@ -36,8 +33,8 @@ def config(_context, file=None, module=None, **settings):
     values.update({k: v for k, v in settings.items() if v is not None})
     _context.action(
         discriminator=('celery:config',),
-        callable=app_module.configure_app,
-        args=(_celery_app(), values),
+        callable=settings_module.configure_app,
+        args=(CELERY, values),
     )
 
 
@@ -72,7 +69,7 @@ def task(_context, name, handler, **options):
     _context.action(
         discriminator=('utility', ITask, name),
         callable=register_task,
-        args=(_celery_app(), name, handler, task_options),
+        args=(CELERY, name, handler, task_options),
     )
     for attribute, interface in _COMPONENTS:
         factory = options.get(attribute)
@@ -127,7 +124,5 @@ def _forget_zcml_tasks():
         if name in app.tasks:
             app.tasks.unregister(name)
 
-
-import zope.testing.cleanup  # noqa: E402
 
 zope.testing.cleanup.addCleanUp(_forget_zcml_tasks)

@@ -28,27 +28,13 @@ import logging
 import pickle
 import uuid
 
+from z3c.celery.exceptions import InvalidSignature
+from z3c.celery.message import SIGNATURE_HEADER as HEADER
+
 
 log = logging.getLogger(__name__)
 
-#: The message header that holds the signature.
-HEADER = 'z3c_signature'
 _VERSION = 'v1'
-
-
-class InvalidSignature(Exception):
-    """A task message was not signed with the configured secret."""
-
-    def __init__(self, task_name, task_id, reason):
-        self.task_name = task_name
-        self.task_id = task_id
-        self.reason = reason
-        super().__init__(task_name, task_id, reason)
-
-    def __str__(self):
-        return (f'Refused task {self.task_name}[{self.task_id}]: {self.reason}'
-                f'; nothing was run (messages must be signed with the '
-                f'signing_secret of <celery:config>)')
 
 
 def _canonical_value(value):

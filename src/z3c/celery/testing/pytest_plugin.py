@@ -26,12 +26,26 @@ zope_celery_end_to_end     function ``CELERY`` publishing to that worker
 zope_celery_recorder       function a ``testing.TaskRecorder``
 ========================== ======== ==========================================
 
-Nothing is imported or started before a test asks for a fixture.
+z3c.celery is not imported, and nothing started, before a test asks for
+a fixture (see `_testing`).
 """
 import os
 import sys
 
 import pytest
+import transaction
+import zope.component.testing
+import zope.security.management
+from zope.configuration import xmlconfig
+
+
+def _testing():
+    """``z3c.celery.testing``, imported when a test first asks for a
+    fixture, not when pytest loads the plugin: importing z3c.celery makes
+    its app Celery's default app, which a test run that does not use
+    z3c.celery must not get."""
+    from z3c.celery import testing
+    return testing
 
 
 @pytest.fixture(scope='session')
@@ -41,8 +55,7 @@ def zope_celery_site_zcml():
     Override it (session scope) with your site, e.g. built with
     ``z3c.celery.testing.site_zcml(body)``.
     """
-    from z3c.celery import testing
-    return testing.site_zcml()
+    return _testing().site_zcml()
 
 
 class _SiteFiles:
@@ -84,10 +97,6 @@ def zope_celery_zcml(zope_celery_site_zcml_file):
     the Celery configuration from ``<celery:config>`` and the interaction
     are cleaned up (``zope.testing.cleanup``).
     """
-    import transaction
-    import zope.component.testing
-    import zope.security.management
-    from zope.configuration import xmlconfig
     zope.component.testing.setUp()
     transaction.abort()
     context = xmlconfig.file(zope_celery_site_zcml_file)
@@ -100,21 +109,19 @@ def zope_celery_zcml(zope_celery_site_zcml_file):
 @pytest.fixture
 def zope_celery_db(zope_celery_zcml, tmp_path):
     """A FileStorage database with a root folder; tasks run against it."""
-    from z3c.celery import environment
-    from z3c.celery import testing
+    testing = _testing()
     db = testing.filestorage_db(str(tmp_path / 'Data.fs'))
-    environment.set_database(db)
+    testing.set_database(db)
     yield db
-    environment.set_database(None)
+    testing.set_database(None)
     db.close()
 
 
 @pytest.fixture(scope='session')
 def zope_celery_zeo(tmp_path_factory):
     """A ZEO server on a FileStorage, for the whole session."""
-    from z3c.celery.servers import ZEOServer
     path = tmp_path_factory.mktemp('z3c-celery-zeo') / 'Data.fs'
-    server = ZEOServer(str(path)).start()
+    server = _testing().ZEOServer(str(path)).start()
     yield server
     server.stop()
 
@@ -126,12 +133,11 @@ def zope_celery_zeo_db(zope_celery_zcml, zope_celery_zeo):
     The worker of `zope_celery_worker` uses the same server, so both see
     each other's commits.  The data stays for the whole session.
     """
-    from z3c.celery import environment
-    from z3c.celery import testing
+    testing = _testing()
     db = testing.zeo_db(zope_celery_zeo.address)
-    environment.set_database(db)
+    testing.set_database(db)
     yield db
-    environment.set_database(None)
+    testing.set_database(None)
     db.close()
 
 
@@ -147,20 +153,17 @@ def zope_celery_interaction(zope_celery_zcml, zope_celery_principal_id):
 
     Tasks queued in the test run as this principal.
     """
-    import zope.security.management
-    from z3c.celery.celery import get_principal
-    from z3c.celery.celery import login_principal
-    principal = get_principal(zope_celery_principal_id)
-    login_principal(principal)
+    testing = _testing()
+    principal = testing.get_principal(zope_celery_principal_id)
+    testing.login_principal(principal)
     yield principal
     zope.security.management.endInteraction()
 
 
 def _mode(mode):
-    import z3c.celery
-    from z3c.celery import testing
+    testing = _testing()
     return testing.override_settings(
-        z3c.celery.CELERY, testing.mode_settings(mode))
+        testing.CELERY, testing.mode_settings(mode))
 
 
 @pytest.fixture
@@ -170,9 +173,8 @@ def zope_celery_eager(zope_celery_zcml):
     Tasks run in this process right after the commit, without
     serializing their arguments.
     """
-    import z3c.celery
     undo = _mode('eager')
-    yield z3c.celery.CELERY
+    yield _testing().CELERY
     undo()
 
 
@@ -184,17 +186,15 @@ def zope_celery_inline(zope_celery_zcml):
     commit, each in its own transaction and ZODB connection, as a worker
     would run them.
     """
-    import z3c.celery
     undo = _mode('inline')
-    yield z3c.celery.CELERY
+    yield _testing().CELERY
     undo()
 
 
 @pytest.fixture(scope='session')
 def zope_celery_redis():
     """A real ``redis-server`` on 127.0.0.1, for the whole session."""
-    from z3c.celery.servers import RedisServer
-    server = RedisServer().start()
+    server = _testing().RedisServer().start()
     yield server
     server.close()
 
@@ -222,7 +222,7 @@ def zope_celery_worker_config(zope_celery_redis, zope_celery_zeo,
     the session: override ``zope_celery_site_zcml`` in the top-level
     ``conftest.py`` so that worker and tests load the same site.
     """
-    from z3c.celery import testing
+    testing = _testing()
     directory = tmp_path_factory.mktemp('z3c-celery-worker')
     zope_conf = testing.write_zope_conf(
         str(directory / 'zope.conf'),
@@ -244,8 +244,7 @@ def zope_celery_worker(zope_celery_worker_config, zope_celery_includes,
     Started once per session, stopped by its pid at the end.  It imports
     `zope_celery_includes`; the test's ``sys.path`` is its ``PYTHONPATH``.
     """
-    from z3c.celery import testing
-    worker = testing.WorkerProcess(
+    worker = _testing().WorkerProcess(
         zope_celery_worker_config, includes=zope_celery_includes,
         parameters=zope_celery_worker_parameters,
         pythonpath=[p for p in sys.path if p and os.path.isdir(p)])
@@ -262,20 +261,18 @@ def zope_celery_end_to_end(zope_celery_worker, zope_celery_worker_config,
     Results come back through the result backend (``result.get(timeout=)``).
     The tasks' database is the ZEO database the worker uses too.
     """
-    import z3c.celery
-    from z3c.celery import testing
+    testing = _testing()
     undo = testing.override_settings(
-        z3c.celery.CELERY,
+        testing.CELERY,
         dict(zope_celery_worker_config, **testing.mode_settings(
             'end-to-end')))
-    yield z3c.celery.CELERY
-    testing.release_results(z3c.celery.CELERY)
+    yield testing.CELERY
+    testing.release_results(testing.CELERY)
     undo()
 
 
 @pytest.fixture
 def zope_celery_recorder():
     """A `z3c.celery.testing.TaskRecorder` active during the test."""
-    from z3c.celery import testing
-    with testing.TaskRecorder() as recorder:
+    with _testing().TaskRecorder() as recorder:
         yield recorder

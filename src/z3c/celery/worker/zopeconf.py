@@ -19,6 +19,7 @@ import sys
 
 import transaction
 import ZConfig
+import ZODB.config
 import ZODB.interfaces
 import zope.app.appsetup.appsetup
 import zope.app.appsetup.product
@@ -27,9 +28,13 @@ import zope.event
 import zope.processlifetime
 import zope.testing.cleanup
 from ZODB.POSException import ConflictError
+from zope.site.folder import rootFolder
+from zope.site.site import LocalSiteManager
 
-from z3c.celery import environment
-from z3c.celery import markers
+from z3c.celery import database
+from z3c.celery.exceptions import ZopeConfError
+from z3c.celery.worker import markers
+from z3c.celery.worker.connection import release_connection
 
 
 log = logging.getLogger(__name__)
@@ -37,10 +42,6 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = os.path.join(
     os.path.dirname(zope.app.appsetup.appsetup.__file__),
     'schema', 'schema.xml')
-
-
-class ZopeConfError(Exception):
-    """A zope.conf that cannot be used; the message names file and cause."""
 
 
 class _State:
@@ -133,7 +134,7 @@ def open_databases(options=None):
     main = dbs[0]
     _state.databases = databases
     _state.main = main
-    environment.set_database(main)
+    database.set_database(main)
     zope.event.notify(zope.processlifetime.DatabaseOpened(main))
     ensure_root_folder(main)
     return main
@@ -144,9 +145,8 @@ def close_databases():
     databases, _state.databases, _state.main = _state.databases, None, None
     if not databases:
         return
-    from z3c.celery.runner import release_connection
     release_connection()
-    environment.set_database(None)
+    database.set_database(None)
     gsm = zope.component.getGlobalSiteManager()
     for name, db in databases.items():
         gsm.unregisterUtility(db, ZODB.interfaces.IDatabase, name)
@@ -163,8 +163,6 @@ def ensure_root_folder(db, attempts=5):
     at once: a conflict means another one created them, so look again.
     Returns whether the root folder was created.
     """
-    from zope.site.folder import rootFolder
-    from zope.site.site import LocalSiteManager
     manager = transaction.TransactionManager()
     for _ in range(attempts):
         connection = db.open(transaction_manager=manager)
@@ -172,10 +170,10 @@ def ensure_root_folder(db, attempts=5):
             manager.begin()
             root = connection.root()
             created = False
-            if environment.ROOT_NAME not in root:
+            if database.ROOT_NAME not in root:
                 folder = rootFolder()
                 folder.setSiteManager(LocalSiteManager(folder))
-                root[environment.ROOT_NAME] = folder
+                root[database.ROOT_NAME] = folder
                 created = True
             # Now, not by the first tasks at once (they would conflict).
             missing_markers = markers.container(connection) is None
@@ -187,7 +185,7 @@ def ensure_root_folder(db, attempts=5):
             manager.get().note('z3c.celery: bootstrap')
             manager.commit()
             if created:
-                log.info('Created the root folder %r', environment.ROOT_NAME)
+                log.info('Created the root folder %r', database.ROOT_NAME)
             return created
         except ConflictError:
             manager.abort()
@@ -195,6 +193,51 @@ def ensure_root_folder(db, attempts=5):
             connection.close()
     raise ZopeConfError(
         f'Could not create the root folder in {db} ({attempts} conflicts)')
+
+
+def open_own_database(app, zope_conf=None, avoid_filestorage=False):
+    """Open the outbox database of a zope.conf for this caller alone.
+
+    The zope.conf is *zope_conf*, else the one this process loaded, else
+    the ``ZOPE_CONF`` setting (it is loaded, site ZCML included, if this
+    process has not loaded one).  Its databases are opened as a new
+    multi-database, apart from the ones tasks use, and neither registered
+    nor set anywhere.  Returns ``(db, close)``, or ``(None, None)`` when
+    there is no zope.conf, or (with *avoid_filestorage*) it is a
+    FileStorage.
+    """
+    options = loaded_options()
+    path = zope_conf or (None if options is not None
+                         else app.z3c_setting('ZOPE_CONF'))
+    if path:
+        options = load_zope_conf(path)
+    if options is None:
+        log.warning('Outbox relay not started: no ZODB database in this '
+                    'process and no zope.conf to open one from')
+        return None, None
+    name = app.z3c_setting('zodb_database')
+    factories = list(options.databases)
+    names = [f.name or '' for f in factories]
+    wanted = factories[names.index(name)] if name in names else (
+        factories[0] if factories and not name else None)
+    if wanted is None:
+        raise LookupError(f'The zope.conf has no database named {name!r}')
+    if avoid_filestorage and isinstance(
+            getattr(wanted.config, 'storage', None), ZODB.config.FileStorage):
+        log.warning('Outbox relay not started in this prefork worker: its '
+                    'database is a FileStorage, which only one process may '
+                    'open (use ZEO, or run "celery outbox flush")')
+        return None, None
+    dbs, databases = zope.app.appsetup.appsetup.multi_database(factories)
+
+    def close():
+        for db in dbs:
+            try:
+                db.close()
+            except Exception:   # pragma: no cover
+                log.warning('Closing %r failed', db, exc_info=True)
+    return databases[name] if name in databases else dbs[0], close
+
 
 
 def _reset():

@@ -1,17 +1,23 @@
-"""The default components the runner looks up (see interfaces)."""
+"""The default components the runner looks up, and the principal helpers.
+
+See `z3c.celery.interfaces` for what each is asked; docs/components.rst.
+"""
 import logging
 import random
 
 import zope.authentication.interfaces
 import zope.component
 import zope.interface
+import zope.security.interfaces
+import zope.security.management
 
-from z3c.celery.control import HandleAfterAbort
-from z3c.celery.interfaces import CONFLICT_ERRORS
+from z3c.celery.exceptions import CONFLICT_ERRORS
+from z3c.celery.exceptions import HandleAfterAbort
+from z3c.celery.exceptions import UnknownPrincipal
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
-from z3c.celery.interfaces import UnknownPrincipal
+from z3c.celery.worker.connection import abort
 
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,37 @@ class AuthenticationPrincipalResolver:
             return auth.getPrincipal(principal_id)
         except zope.authentication.interfaces.PrincipalLookupError:
             raise UnknownPrincipal(principal_id, task.name) from None
+
+
+@zope.interface.implementer(zope.security.interfaces.IParticipation)
+class Participation:
+    """The participation of the principal a task runs as."""
+
+    interaction = None
+
+    def __init__(self, principal):
+        self.principal = principal
+
+
+def get_principal(principal_id):
+    """The principal *principal_id* from the site's ``IAuthentication``.
+
+    Raises ``ComponentLookupError`` without an ``IAuthentication`` utility
+    and ``PrincipalLookupError`` for an unknown id, as 1.x did.
+    """
+    auth = zope.component.getUtility(
+        zope.authentication.interfaces.IAuthentication)
+    return auth.getPrincipal(principal_id)
+
+
+def login_principal(principal, task_name=None):
+    """Start an interaction for *principal* (ending the current one).
+
+    *task_name* is accepted for 1.x callers and not used: a task's
+    transaction records its name in the extended info instead.
+    """
+    zope.security.management.endInteraction()
+    zope.security.management.newInteraction(Participation(principal))
 
 
 @zope.interface.implementer(IConflictPolicy)
@@ -76,5 +113,25 @@ class AfterAbortHandler:
     def __call__(self, task, error, manager, policy):
         if not isinstance(error, HandleAfterAbort):
             return
-        from z3c.celery.runner import run_in_transaction
         run_in_transaction(manager, policy, task, error)
+
+
+def run_in_transaction(manager, policy, task, func):
+    """Run *func* in a new transaction, retrying conflicts at once.
+
+    Used for after-abort callbacks: the policy decides whether to try
+    again, its countdown is not waited for (the worker never sleeps).
+    """
+    retries = 0
+    while True:
+        manager.begin()
+        try:
+            func()
+            manager.commit()
+            return
+        except Exception as error:
+            abort(manager)
+            if not policy.is_conflict(error) or \
+                    policy.countdown(task, error, retries) is None:
+                raise
+            retries += 1

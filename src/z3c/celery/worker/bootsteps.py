@@ -1,28 +1,11 @@
 """``celery worker`` in the Zope environment: options, bootstep, signals.
 
-``celery -A z3c.celery.CELERY worker --zope-conf PATH [--logging-ini INI]``
-(or, as in 1.x, ``ZOPE_CONF`` / ``LOGGING_INI`` in a celeryconfig named by
-``--config``, ``CELERY_CONFIG_MODULE`` or ``CELERY_CONFIG_FILE``).
-
-What happens when:
-
-* As soon as the worker is created (Celery's ``celeryd_init`` signal, before
-  it reads its queue and pool settings) the zope.conf is loaded and its
-  site ZCML executed, so that ``<celery:config>`` and ``<celery:task>``
-  take effect in this worker, and the logging ini is applied.  Without a
-  zope.conf the worker exits at once, saying what to set.
-* The `ZopeEnvironment` worker bootstep does the same for workers created
-  without the command line (idempotent), opens the databases when the
-  pool runs tasks in this process (``solo``, ``threads``, ...) and closes
-  them at stop.
-* With the ``prefork`` pool each child opens the databases after the fork
-  (``worker_process_init``) and closes them when it exits: a storage
-  connection must never be shared across ``fork()``.
-
-``worker_boot_timeout`` (1.x) sets Celery's ``worker_proc_alive_timeout``:
-how long a prefork child may take to start (opening a ZEO connection
-included).  ``DEBUG_WORKER`` (1.x) is accepted and changes nothing: the
-``solo`` pool always runs in the worker's own process.
+``--zope-conf`` / ``--logging-ini`` (or 1.x's ``ZOPE_CONF`` /
+``LOGGING_INI`` settings) are loaded as soon as the worker is created
+(``celeryd_init``); the `ZopeEnvironment` bootstep opens the databases
+where the tasks run (each prefork child after the fork, else the worker
+process) and closes them at stop.  Imported only by workers and the
+``celery`` command.  See docs/worker.rst.
 """
 import logging
 import os
@@ -36,9 +19,13 @@ import click
 import zope.component.event  # noqa: F401
 from celery import bootsteps
 from celery.bin.base import CeleryOption
+from celery.concurrency.prefork import TaskPool
 
-from z3c.celery import environment
-from z3c.celery import zopeconf
+from z3c.celery import database
+from z3c.celery.exceptions import WorkerSetupError
+from z3c.celery.exceptions import ZopeConfError
+from z3c.celery.logging import apply_logging_ini
+from z3c.celery.worker import zopeconf
 
 
 log = logging.getLogger(__name__)
@@ -48,10 +35,6 @@ NO_ZOPE_CONF = (
     '--zope-conf PATH, or set ZOPE_CONF in a celeryconfig named by '
     '--config MODULE, CELERY_CONFIG_MODULE=MODULE or '
     'CELERY_CONFIG_FILE=PATH.')
-
-
-class WorkerSetupError(Exception):
-    """The worker cannot set up the Zope environment; says why."""
 
 
 class _State:
@@ -83,12 +66,9 @@ def logging_ini_option():
              'LOGGING_INI setting of the celeryconfig.')
 
 
-def install(app):
-    """Give *app*'s ``celery worker`` our options and bootstep."""
-    app.user_options['worker'].add(zope_conf_option())
-    app.user_options['worker'].add(logging_ini_option())
-    app.steps['worker'].add(ZopeEnvironment)
-    app._z3c_worker = True
+def command_options():
+    """Our options of the ``celery`` subcommands (``app.user_options``)."""
+    return {'worker': {zope_conf_option(), logging_ini_option()}}
 
 
 def boot(app, zope_conf=None, logging_ini=None):
@@ -109,9 +89,9 @@ def boot(app, zope_conf=None, logging_ini=None):
     if zope_conf:
         try:
             zopeconf.load_zope_conf(zope_conf)
-        except zopeconf.ZopeConfError as e:
+        except ZopeConfError as e:
             raise WorkerSetupError(f'z3c.celery: {e}') from None
-    elif environment.get_database(app.z3c_setting('zodb_database')) is None:
+    elif database.get_database(app.z3c_setting('zodb_database')) is None:
         raise WorkerSetupError(NO_ZOPE_CONF)
     if not logging_ini and conf.get('LOGGING_INI'):
         # Set by the site's <celery:config>, known only now.
@@ -135,7 +115,6 @@ def _worker_default(conf, name, value):
 
 
 def _setup_logging_ini(app, path):
-    from z3c.celery.logging import apply_logging_ini
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise WorkerSetupError(
@@ -150,15 +129,14 @@ def _setup_logging_ini(app, path):
 
 
 def _on_setup_logging(**kw):
-    from z3c.celery.logging import apply_logging_ini
     apply_logging_ini(_state.logging_ini)
 
 
 @celery.signals.celeryd_init.connect(weak=False)
 def _on_celeryd_init(sender=None, instance=None, options=None, **kw):
     app = getattr(instance, 'app', None)
-    if not getattr(app, '_z3c_worker', False):
-        return
+    if not getattr(app, 'zope_environment', False):
+        return   # the worker of another app, in this process
     options = options or {}
     try:
         boot(app, options.get('zope_conf'), options.get('logging_ini'))
@@ -172,59 +150,7 @@ def _on_celeryd_init(sender=None, instance=None, options=None, **kw):
             f'{type(e).__name__}: {e}') from None
 
 
-#: The message header with the sender's commit token.
-TID_HEADER = 'z3c_tid'
-
-
-def commit_token(app):
-    """The last transaction id this process knows of *app*'s database.
-
-    Sent with each message (hex text), so that a worker reading through
-    ZEO can make sure it has seen that transaction before the task runs
-    (`catch_up`).  ``None`` without a database.
-    """
-    db = environment.get_database(app.z3c_setting('zodb_database'))
-    if db is None:
-        return None
-    try:
-        tid = db.lastTransaction()
-    except Exception:
-        return None
-    return tid.hex() if tid else None
-
-
-def catch_up(db, token):
-    """Make *db* see the transaction *token* names, if it has not yet.
-
-    A ZEO client learns of other clients' commits from invalidations that
-    travel apart from the task message, so the message may come first.
-    Then one round trip to the server (``ping``) makes the client wait
-    for the invalidations sent before; otherwise nothing is done, and a
-    task costs no round trip (as ``server-sync true`` in zope.conf would
-    cost for every transaction).  Storages without ``ping`` are left
-    alone (RelStorage polls at each transaction start; a FileStorage has
-    one process).
-    """
-    if not token or db is None:
-        return False
-    storage = db.storage
-    ping = getattr(storage, 'ping', None)
-    if ping is None:
-        return False
-    try:
-        wanted = bytes.fromhex(token)
-        if storage.lastTransaction() >= wanted:
-            return False
-        ping()
-    except Exception:
-        log.debug('Could not catch up with transaction %s', token,
-                  exc_info=True)
-        return False
-    return True
-
-
 def _is_prefork(pool_cls):
-    from celery.concurrency.prefork import TaskPool
     return isinstance(pool_cls, type) and issubclass(pool_cls, TaskPool)
 
 

@@ -1,36 +1,10 @@
 """Done-markers: a task's ZODB effects are applied once per task id.
 
-With late acknowledgement a message is acknowledged only after its task
-finished, so a worker killed between the commit and the ack leaves it to
-be delivered again; an outbox relay may also send a message a second time.
-To make that harmless the runner commits a marker for the task id in the
-*same transaction* as the task's writes, and skips a task whose id is
-marked.  A transaction that writes nothing gets no marker: there is no
-ZODB effect to protect.
-
-Layout (in the root of the tasks' database, under `CONTAINER_KEY`): an
-``LOBTree`` of generations; each generation is an ``OOBTree`` of
-*partitions*, each an ``OLBTree`` mapping task id to the time of the
-commit.  A generation covers one retention period
-(``done_marker_retention`` seconds); the current and the previous one are
-consulted, older ones are dropped whole when a new one begins.  So a
-marker lives between one and two retention periods and pruning never
-walks the markers.
-
-Partitions keep the markers of concurrent workers apart.  A process
-marks the first delivery of a message in a partition of its own (named
-after host and pid, see `partition_name`), which nobody else writes to:
-its B-tree buckets stay in the process's ZODB cache, instead of being
-invalidated by every other worker's markers and loaded again from the
-server for the next task, which a single shared tree cost.  Runs of
-messages that may have been delivered before (`maybe_repeated`) look in
-every partition before they run, and mark in the *shared* partition
-(its shard for the task id, see `shard_name`).  A first delivery looks
-only there, and only when it marks: at commit, if it wrote anything (a
-task that writes nothing pays nothing for markers).  Both kinds read the
-other kind's place "as current" (``readCurrent``), so that when the two
-run at the same time one of them ends in a conflict, is retried, and
-then finds the marker of the other.
+The runner commits a marker for the task id in the same transaction as
+the task's writes and skips a task whose id is marked, so a redelivered
+or resent message changes nothing twice.  Markers live in generations
+(pruned whole) of partitions (one per process, and a shared one in shards
+for runs that may repeat).  See docs/worker.rst, "Effectively once".
 """
 import logging
 import os
@@ -44,6 +18,9 @@ from BTrees.LOBTree import LOBTree
 from BTrees.OLBTree import OLBTree
 from BTrees.OOBTree import OOBTree
 from ZODB.Connection import Connection
+
+from z3c.celery.exceptions import AlreadyDone
+from z3c.celery.message import RESENT_HEADER
 
 
 log = logging.getLogger(__name__)
@@ -74,10 +51,6 @@ def _is_shard(name):
 FLAGGING_SCHEMES = frozenset({
     'redis', 'rediss', 'sentinel', 'amqp', 'amqps', 'pyamqp',
     'librabbitmq'})
-
-#: Message header the outbox relay and publishing retries set on a
-#: message that may have left before.
-RESENT_HEADER = 'z3c_resent'
 
 
 class _Partition:
@@ -293,22 +266,6 @@ def mark_at_commit(txn, connection, task_id, retention, shared=True):
         if writes_to_zodb(txn):
             mark_done(connection, task_id, retention, shared=shared)
     txn.addBeforeCommitHook(hook)
-
-
-class AlreadyDone(Exception):
-    """The task id is marked done: its effects are already committed."""
-
-    def __init__(self, task_name, task_id, when):
-        self.task_name = task_name
-        self.task_id = task_id
-        self.when = when
-        super().__init__(task_name, task_id, when)
-
-    def __str__(self):
-        return (
-            f'Task {self.task_name}[{self.task_id}] was already done '
-            f'(committed at {time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.when))}'
-            f' UTC); skipped')
 
 
 def skip(task, already_done):

@@ -1,47 +1,47 @@
-"""Worker side: run one task in the Zope environment.
+"""The generic runner: one task run in the Zope environment.
 
 For each run the runner looks the components up (a utility named after
 the task wins over the unnamed default), resolves the principal, takes a
 ZODB connection with a transaction manager of its own (a worker thread
-keeps one from task to task, see `Seat`; in-process runs open one), sets
-the root site, begins a transaction, runs the task and commits.
-Conflicts go to the `IConflictPolicy`, other errors to the
-`IAfterAbortHandler`.  The interaction ends whatever happens; what is
-left of a transaction is aborted, and a connection still joined to one is
-closed, never kept.
+keeps one, see `z3c.celery.worker.connection`), sets the root site,
+begins a transaction, runs the task and commits.  Conflicts go to the
+`IConflictPolicy`, other errors to the `IAfterAbortHandler`.  See
+docs/worker.rst.
 """
-import contextlib
 import logging
-import threading
 
 import celery.exceptions
 import kombu.exceptions
 import transaction
-import ZODB.POSException
 import zope.component
 import zope.event
 import zope.interface
-import zope.security.interfaces
 import zope.security.management
-import zope.testing.cleanup
-from ZODB.mvccadapter import MVCCAdapterInstance
 from zope.component.hooks import getSite
 from zope.component.hooks import setSite
 from zope.security.management import endInteraction
 from zope.security.management import newInteraction
 from zope.security.management import queryInteraction
 
-from z3c.celery import environment
+from z3c.celery import database
 from z3c.celery import events
-from z3c.celery import markers
 from z3c.celery import signing
-from z3c.celery.control import Abort
-from z3c.celery.worker import TID_HEADER
-from z3c.celery.worker import catch_up
-from z3c.celery.interfaces import ConflictRetriesExceeded
+from z3c.celery.exceptions import Abort
+from z3c.celery.exceptions import AlreadyDone
+from z3c.celery.exceptions import ConflictRetriesExceeded
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
+from z3c.celery.message import TID_HEADER
+from z3c.celery.worker import components
+from z3c.celery.worker import markers
+from z3c.celery.worker.connection import abort as _abort
+from z3c.celery.worker.connection import catch_up
+from z3c.celery.worker.connection import close as _close
+from z3c.celery.worker.connection import idle as _idle
+from z3c.celery.worker.connection import raise_known_conflict
+from z3c.celery.worker.connection import thread_seat
+from z3c.celery.worker.components import Participation
 
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,6 @@ def lookup(interface, task_name):
     if component is None:
         component = _FALLBACKS[interface]()
     return component
-
-
-@zope.interface.implementer(zope.security.interfaces.IParticipation)
-class Participation:
-    """The participation of the principal a task runs as."""
-
-    interaction = None
-
-    def __init__(self, principal):
-        self.principal = principal
 
 
 #: The settings a run reads.
@@ -125,7 +115,7 @@ class Runner:
         task = self.task
         resolver = lookup(IPrincipalResolver, self.name)
         principal = resolver.resolve(task, self.principal_id)
-        db = environment.get_database(self.database_name)
+        db = database.get_database(self.database_name)
         seat = None
         if db is None:
             connection = None
@@ -138,7 +128,7 @@ class Runner:
                 manager = transaction.TransactionManager()
                 connection = db.open(transaction_manager=manager)
             else:
-                seat = _seat
+                seat = thread_seat
                 connection, manager = seat.take(db)
         # Inline rather than in context managers: this runs for every task.
         thread_manager = transaction.manager
@@ -147,7 +137,7 @@ class Runner:
         saved_interaction = queryInteraction()
         try:
             thread_manager.manager = manager
-            setSite(environment.root_site(connection))
+            setSite(database.root_site(connection))
             endInteraction()
             if principal is None:
                 newInteraction()
@@ -182,7 +172,7 @@ class Runner:
         while True:
             try:
                 return self._attempt(manager, connection)
-            except markers.AlreadyDone as done:
+            except AlreadyDone as done:
                 _abort(manager)
                 return markers.skip(self.task, done)
             except Exception as error:
@@ -249,7 +239,7 @@ class Runner:
         if connection is None:
             manager.commit()
         else:
-            _raise_known_conflict(connection)
+            raise_known_conflict(connection)
             # The next task's ``begin`` looks for other transactions'
             # changes; the connection need not look right after this
             # commit too (what it does for code that goes on without
@@ -285,7 +275,7 @@ class Runner:
             when = markers.done_at(connection, self.request.id,
                                    self.retention)
             if when is not None:
-                raise markers.AlreadyDone(self.name, self.request.id, when)
+                raise AlreadyDone(self.name, self.request.id, when)
         return repeated
 
     def _after_abort(self, manager, policy, error):
@@ -308,27 +298,6 @@ class Runner:
                                           self.principal_id, **info))
 
 
-def run_in_transaction(manager, policy, task, func):
-    """Run *func* in a new transaction, retrying conflicts at once.
-
-    Used for after-abort callbacks: the policy decides whether to try
-    again, its countdown is not waited for (the worker never sleeps).
-    """
-    retries = 0
-    while True:
-        manager.begin()
-        try:
-            func()
-            manager.commit()
-            return
-        except Exception as error:
-            _abort(manager)
-            if not policy.is_conflict(error) or \
-                    policy.countdown(task, error, retries) is None:
-                raise
-            retries += 1
-
-
 def _is_connection_error(app, error):
     errors = (OSError, kombu.exceptions.OperationalError)
     try:
@@ -338,142 +307,9 @@ def _is_connection_error(app, error):
     return isinstance(error, errors)
 
 
-def _abort(manager):
-    try:
-        manager.abort()
-    except Exception:
-        log.exception('Aborting the transaction failed')
-
-
-class Seat(threading.local):
-    """The ZODB connection a worker thread keeps from one task to the next.
-
-    Opening and closing a connection for every task costs more than a
-    no-op task itself; a worker's thread (the one of a prefork child,
-    each of the ``threads`` pool) runs one task at a time, so it keeps one
-    connection, with a transaction manager of its own, as long as the
-    database is the same and the connection is left idle (no transaction
-    joined).  Each task still begins its own transaction, which brings
-    the connection up to date.  In-process runs (inline, eager) open a
-    connection per run instead.
-    """
-
-    def __init__(self):
-        self.db = self.connection = self.manager = None
-
-    def take(self, db):
-        """The connection and transaction manager for a task on *db*."""
-        if self.db is not db or self.connection is None or \
-                self.connection.opened is None:
-            self.release()
-            manager = transaction.TransactionManager()
-            self.connection = db.open(transaction_manager=manager)
-            self.manager = manager
-            self.db = db
-        return self.connection, self.manager
-
-    def forget(self):
-        """Drop the connection without closing it (the caller does)."""
-        self.db = self.connection = self.manager = None
-
-    def release(self):
-        """Close the connection kept, if any."""
-        connection = self.connection
-        self.forget()
-        if connection is not None and connection.opened is not None:
-            # Its database may be closed already: then there is nothing
-            # left to give the connection back to.
-            with contextlib.suppress(Exception):
-                connection.close()
-
-
-_seat = Seat()
-zope.testing.cleanup.addCleanUp(lambda: _seat.release())
-
-
-def release_connection():
-    """Close the connection this thread keeps for tasks (if any).
-
-    Called before the worker closes its databases.
-    """
-    _seat.release()
-
-
-def _idle(connection):
-    # What ``Connection.close`` insists on: joined to no transaction.
-    return connection._needs_to_join and not connection._registered_objects
-
-
-def _raise_known_conflict(connection):
-    """Raise the conflict that committing would hit, before committing.
-
-    The storage (ZEO, FileStorage, MappingStorage) hands each connection
-    the ids of objects that other transactions changed since this one
-    began.  An object this transaction changed, or read as current, that
-    is among them fails the vote: it is cheaper to fail now, without the
-    round trip of a vote, the abort of a half-done commit and the stack
-    that `transaction` records for every failed commit.  Objects that
-    resolve conflicts themselves (``_p_resolveConflict``: B-tree buckets,
-    ``Length``) are left to the commit, which may well succeed.  Only a
-    shortcut: when the storage keeps no such set (RelStorage, which is
-    its own MVCC storage), or a change is reported later, the commit
-    finds the conflict as before.
-    """
-    storage = connection._storage
-    if storage.__class__ is not MVCCAdapterInstance:
-        return          # an IMVCCStorage of its own (RelStorage)
-    changed = storage._invalidations
-    start = storage._start
-    if not changed or start is None or storage._ltid < start:
-        # Nothing reported, or only what was committed before this
-        # transaction began (reported a moment after it began).
-        return
-    for obj in connection._registered_objects:
-        oid = obj._p_oid
-        if oid in changed and \
-                getattr(obj, '_p_resolveConflict', None) is None:
-            raise ZODB.POSException.ConflictError(
-                object=obj,
-                message='changed by another transaction since this one '
-                        'began (found before the commit)')
-    for oid in connection._readCurrent:
-        if oid in changed:
-            raise ZODB.POSException.ReadConflictError(
-                oid=oid,
-                message='read as current, but changed by another '
-                        'transaction since this one began (found before '
-                        'the commit)')
-
-
-def _close(connection, manager):
-    try:
-        connection.close()
-    except Exception:
-        # Still joined to a transaction whose abort failed: drop it.
-        log.warning('Closing the ZODB connection failed; forcing it',
-                    exc_info=True)
-        with contextlib.suppress(Exception):
-            manager.free(manager.get())
-        with contextlib.suppress(Exception):
-            connection._registered_objects = []
-            connection.close()
-
-
-def _fallbacks():
-    from z3c.celery import components
-    return {
-        IPrincipalResolver: components.AuthenticationPrincipalResolver,
-        IConflictPolicy: components.BackoffConflictPolicy,
-        IAfterAbortHandler: components.AfterAbortHandler,
-    }
-
-
-class _LazyFallbacks(dict):
-
-    def __missing__(self, key):
-        self.update(_fallbacks())
-        return self[key]
-
-
 #: Used when the site did not load our configure.zcml (a 1.x setup).
-_FALLBACKS = _LazyFallbacks()
+_FALLBACKS = {
+    IPrincipalResolver: components.AuthenticationPrincipalResolver,
+    IConflictPolicy: components.BackoffConflictPolicy,
+    IAfterAbortHandler: components.AfterAbortHandler,
+}

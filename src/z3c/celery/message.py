@@ -1,0 +1,117 @@
+"""What travels with a task: the message, its headers, its stored form.
+
+Both sides import this module and nothing else of each other: the sending
+side builds a `TaskMessage` and publishes it with these headers; the
+outbox stores it as a record and turns the record back into a message; the
+worker reads the headers.  See docs/design.rst.
+"""
+from z3c.celery import database
+
+
+#: Extended-info key under which a transaction records the ids of the
+#: tasks it queued.
+TASK_IDS_KEY = 'z3c.celery.task_ids'
+
+#: Header: the last transaction id the sender knew of its database (hex),
+#: so that the worker reads at least that state (`commit_token`).
+TID_HEADER = 'z3c_tid'
+
+#: Header: the message may have left before (an outbox relay's resend, a
+#: publish that kombu tried again), so the worker looks for its done-marker
+#: everywhere.
+RESENT_HEADER = 'z3c_resent'
+
+#: Header: the HMAC signature of the message (see `z3c.celery.signing`).
+SIGNATURE_HEADER = 'z3c_signature'
+
+
+class TaskMessage:
+    """One queued task: everything needed to publish it (or run it)."""
+
+    __slots__ = ('name', 'args', 'kwargs', 'options', 'task_id',
+                 'principal_id', 'result')
+
+    def __init__(self, name, args, kwargs, options, task_id, principal_id):
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.options = options
+        self.task_id = task_id
+        self.principal_id = principal_id
+        self.result = None
+
+    @property
+    def message_kwargs(self):
+        """The keyword arguments as they travel (with the principal)."""
+        if self.principal_id is None:
+            return self.kwargs
+        return dict(self.kwargs, _principal_id_=self.principal_id)
+
+    def __repr__(self):
+        return (f'<TaskMessage {self.name} id={self.task_id} '
+                f'principal={self.principal_id!r}>')
+
+
+def describe(messages):
+    """``name[id], ...`` of *messages*, for log lines."""
+    return ', '.join(f'{m.name}[{m.task_id}]' for m in messages)
+
+
+def resent(message):
+    """Flag *message* as possibly sent before (`RESENT_HEADER`)."""
+    options = message.options
+    options['headers'] = dict(options.get('headers') or {},
+                              **{RESENT_HEADER: True})
+    return message
+
+
+def commit_token(app):
+    """The last transaction id this process knows of *app*'s database.
+
+    Sent with each message (hex text, `TID_HEADER`), so that a worker
+    reading through ZEO can make sure it has seen that transaction before
+    the task runs.  ``None`` without a database.
+    """
+    db = database.get_database(app.z3c_setting('zodb_database'))
+    if db is None:
+        return None
+    try:
+        tid = db.lastTransaction()
+    except Exception:
+        return None
+    return tid.hex() if tid else None
+
+
+# The stored form (outbox records).  A record is a plain dict; only this
+# module and `z3c.celery.outbox.store` know its keys.
+
+
+def make_record(message, now, seq=0):
+    """The stored form of *message*.
+
+    *seq* is the message's place among those of its transaction: with
+    ``created`` it keeps the order in which they were queued.
+    """
+    return {
+        'name': message.name,
+        'args': tuple(message.args),
+        'kwargs': dict(message.kwargs),
+        'options': dict(message.options),
+        'principal_id': message.principal_id,
+        'created': now,
+        'seq': seq,
+        'attempts': 0,
+        'next_try': 0.0,
+    }
+
+
+def message_of(task_id, record):
+    """The `TaskMessage` a record stands for (a fresh copy)."""
+    return TaskMessage(
+        record['name'], tuple(record['args']), dict(record['kwargs']),
+        dict(record['options']), task_id, record['principal_id'])
+
+
+def queue_order(record):
+    """Sort key of a record: the order in which its task was queued."""
+    return (record['created'], record.get('seq', 0))

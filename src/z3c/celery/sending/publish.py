@@ -1,0 +1,197 @@
+"""Publishing: the one way messages go to the broker.
+
+`publish` hands messages to ``app.send_task`` in chunks through one
+producer and reports what did not leave; dispatchers and the outbox relay
+both use it.  `counters` are the process's figures of the sending side.
+"""
+import contextlib
+import logging
+import threading
+
+import celery.signals
+import kombu.exceptions
+
+from z3c.celery import events
+from z3c.celery.message import RESENT_HEADER
+
+
+log = logging.getLogger(__name__)
+
+#: Publish options that give up after one immediate reconnect.  For
+#: messages kept elsewhere (the outbox): waiting for the broker would only
+#: slow the commit down; the relay sends them later.
+FAST_FAIL = {
+    'retry': True,
+    'retry_policy': {'max_retries': 1, 'interval_start': 0,
+                     'interval_step': 0, 'interval_max': 0},
+}
+
+
+class _Counters:
+    """Process-wide figures of the sending side."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.publish_failures = 0
+        # Outbox: tasks left pending at commit for the relay, tasks the
+        # relay published, records it moved to the dead letters.
+        self.deferred = 0
+        self.relayed = 0
+        self.dead_letters = 0
+
+    def add(self, name, n):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
+counters = _Counters()
+
+
+class Unsent(list):
+    """The messages `publish` could not send.
+
+    ``error`` is the exception that stopped publishing; ``culprit`` the
+    message being handed to the producer when it was raised (``None`` when
+    the flush of a batch, i.e. the broker round trip, failed).
+    """
+
+    error = None
+    culprit = None
+
+
+#: Messages per broker round trip where the transport batches (kombu's
+#: ``Producer.batch``: one Redis pipeline instead of one LPUSH each).
+PUBLISH_CHUNK = 500
+
+
+def _batch(producer):
+    batch = getattr(producer, 'batch', None)   # kombu >= 5.7
+    return batch(max_size=PUBLISH_CHUNK * 4) if batch is not None \
+        else contextlib.nullcontext()
+
+
+def _result_cls(message):
+    """What ``send_task`` should make the message's result object of.
+
+    The result ``delay()`` returned, when there is one: a result backend
+    that pushes results (Redis) subscribes to the task's result when it is
+    sent, until the result object is dropped.  With a result object of its
+    own that ``send_task`` would make and we would drop at once, the
+    subscription would end right away, and a caller waiting on the result
+    of ``delay()`` would have to subscribe again.
+    """
+    result = message.result
+    if result is None:
+        return None
+    return lambda task_id: result
+
+
+class _Publishing(threading.local):
+    active = False
+
+
+_publishing = _Publishing()
+
+
+@celery.signals.before_task_publish.connect(weak=False)
+def _flag_publish_retries(headers=None, retry_policy=None, **kw):
+    """Flag a message whose publishing kombu tries again.
+
+    The first attempt may have reached the broker although it reported an
+    error (a connection lost before the reply): the worker must then look
+    for the done-marker of the second copy everywhere.  kombu calls the
+    retry policy's ``errback`` before each new attempt, which prepares
+    the message again from these same headers.  Only for `publish`.
+    """
+    if not _publishing.active or headers is None or retry_policy is None:
+        return
+    theirs = retry_policy.get('errback')
+
+    def errback(exc, interval):
+        headers[RESENT_HEADER] = True
+        if theirs is not None:
+            theirs(exc, interval)
+    errback.z3c = True
+    retry_policy['errback'] = errback
+
+
+def _forget_errback(producer):
+    # kombu also copies the retry policy into the connection's transport
+    # options, which outlive this publish.
+    options = getattr(getattr(producer, 'connection', None),
+                      'transport_options', None)
+    if options and getattr(options.get('errback'), 'z3c', False):
+        del options['errback']
+
+
+def publish(app, messages, producer=None, **send_options):
+    """Publish *messages* through one producer; return those not sent.
+
+    The result is an `Unsent` list (empty when all left) whose ``error``
+    is the exception that stopped publishing.  *send_options* override
+    the messages' own options (e.g. a retry policy).
+
+    Messages go in chunks of `PUBLISH_CHUNK`, each flushed in one round
+    trip where the transport can (Redis); a chunk counts as sent only once
+    its flush succeeded, so a chunk that failed half-way is reported
+    unsent although part of it may have arrived (the outbox then resends
+    it under the same task ids, which the worker's done-markers make
+    harmless).  Stops at the first failure: the broker is then most
+    probably away and trying the remaining messages would only multiply
+    the wait.
+    """
+    unsent = Unsent(messages)
+    if not messages:
+        return unsent
+    sent = 0
+    current = None
+    _publishing.active = True
+    try:
+        with app.producer_or_acquire(producer) as producer:
+            for start in range(0, len(messages), PUBLISH_CHUNK):
+                chunk = messages[start:start + PUBLISH_CHUNK]
+                with _batch(producer):
+                    for message in chunk:
+                        current = message
+                        options = message.options
+                        if send_options:
+                            options = dict(options, **send_options)
+                        app.send_task(
+                            message.name, message.args,
+                            message.message_kwargs,
+                            task_id=message.task_id, producer=producer,
+                            result_cls=_result_cls(message), **options)
+                    current = None
+                sent += len(chunk)
+                for message in chunk:
+                    events.notify(events.TaskSent, message)
+    except Exception as error:
+        unsent.error = error
+        unsent.culprit = current
+        log.debug('Publishing failed after %d of %d message(s)',
+                  sent, len(messages), exc_info=True)
+    finally:
+        _publishing.active = False
+        _forget_errback(producer)
+    counters.add('sent', sent)
+    del unsent[:sent]
+    return unsent
+
+
+_BROKER_ERRORS = tuple(filter(None, (
+    kombu.exceptions.OperationalError,
+    getattr(kombu.exceptions, 'BatchPublishError', None),  # kombu >= 5.7
+    OSError,
+)))
+
+
+def is_broker_error(app, error):
+    """Is *error* the broker being unreachable (not a bad message)?"""
+    if isinstance(error, _BROKER_ERRORS):
+        return True
+    try:
+        errors = app.connection_for_write().connection_errors
+    except Exception:   # pragma: no cover - broken transport
+        return False
+    return isinstance(error, tuple(errors))
