@@ -41,13 +41,13 @@ from BTrees.OOBTree import OOBTree
 from zope.configuration import xmlconfig
 
 import z3c.celery
-from z3c.celery.sending import publish as publishing
 from z3c.celery import database
-from z3c.celery.outbox import store
-from z3c.celery.testing import servers
-from z3c.celery.settings import reset_connections
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import ITask
+from z3c.celery.outbox import store
+from z3c.celery.sending import publish as publishing
+from z3c.celery.settings import reset_connections
+from z3c.celery.testing import servers
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -211,6 +211,7 @@ def alternate(runs, rounds):
 
 def main():
     import logging
+
     # The broker-down runs log (with tracebacks) what they are meant to.
     logging.basicConfig(level=logging.CRITICAL)
     directory = tempfile.mkdtemp(prefix='z3c-bench-sending-')

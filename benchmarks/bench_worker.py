@@ -39,10 +39,10 @@ import zope.component
 import zope.component.testing
 from zope.configuration import xmlconfig
 
-from z3c.celery.testing import servers
+from z3c.celery.interfaces import ITask
 from z3c.celery.testing import get_principal
 from z3c.celery.testing import login_principal
-from z3c.celery.interfaces import ITask
+from z3c.celery.testing import servers
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

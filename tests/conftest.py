@@ -2,6 +2,7 @@
 ZODB with a root site, the site ZCML, a real Redis server."""
 import os
 
+import persistent.mapping
 import pytest
 import transaction
 import ZODB
@@ -79,6 +80,30 @@ def db(tmp_path, zca):
     yield site_db
     database.set_database(None)
     site_db.close()
+
+
+@pytest.fixture
+def fs_db(tmp_path):
+    """A FileStorage database with persistent mappings ``a`` to ``d`` in
+    its root; yields a factory of connections, each with a transaction
+    manager of its own and a transaction begun."""
+    db = ZODB.DB(str(tmp_path / 'Objects.fs'))
+    with db.transaction() as conn:
+        for name in ('a', 'b', 'c', 'd'):
+            conn.root()[name] = persistent.mapping.PersistentMapping()
+    opened = []
+
+    def open_connection():
+        manager = transaction.TransactionManager()
+        conn = db.open(transaction_manager=manager)
+        opened.append(conn)
+        manager.begin()
+        return conn
+    yield open_connection
+    for conn in opened:
+        conn.transaction_manager.abort()
+        conn.close()
+    db.close()
 
 
 def read_data(db):

@@ -6,13 +6,13 @@ import transaction
 import zope.component
 from zope.interface.verify import verifyObject
 
-from z3c.celery.worker import components
-from z3c.celery.sending import dispatchers
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.interfaces import ITask
+from z3c.celery.sending import dispatchers
+from z3c.celery.worker import components
 
 from .conftest import read_data
 from tests import tasks

@@ -14,11 +14,11 @@ from celery.exceptions import Retry
 from ZODB.POSException import ConflictError
 
 import z3c.celery
+from z3c.celery.interfaces import ITask
+from z3c.celery.message import RESENT_HEADER
 from z3c.celery.message import TASK_IDS_KEY
 from z3c.celery.sending import publish as publishing
 from z3c.celery.sending import queue
-from z3c.celery.interfaces import ITask
-from z3c.celery.message import RESENT_HEADER
 
 from .conftest import VetoingDataManager
 

@@ -12,16 +12,16 @@ import zope.event
 from BTrees.OOBTree import OOBTree
 
 import z3c.celery
-from z3c.celery.app import BUILTIN_DISPATCHERS
-from z3c.celery.message import TASK_IDS_KEY
-from z3c.celery.sending import publish as publishing
 from z3c.celery import database
-from z3c.celery.outbox import store
-from z3c.celery.outbox.dispatcher import OutboxDispatcher
-from z3c.celery.testing import servers
+from z3c.celery.app import BUILTIN_DISPATCHERS
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.interfaces import ITask
+from z3c.celery.message import TASK_IDS_KEY
+from z3c.celery.outbox import store
+from z3c.celery.outbox.dispatcher import OutboxDispatcher
 from z3c.celery.outbox.relay import Relay
+from z3c.celery.sending import publish as publishing
+from z3c.celery.testing import servers
 
 from .conftest import VetoingDataManager
 from .conftest import read_data

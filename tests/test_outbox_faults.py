@@ -10,8 +10,8 @@ import ZEO
 
 import z3c.celery
 from z3c.celery.outbox import store
-from z3c.celery.testing import servers
 from z3c.celery.outbox.relay import Relay
+from z3c.celery.testing import servers
 
 from .conftest import ROOT
 from .conftest import make_site_db

@@ -7,16 +7,16 @@ import transaction
 from celery.utils import uuid
 
 import z3c.celery
-from z3c.celery.message import TaskMessage
-from z3c.celery.sending import publish as publishing
-from z3c.celery.outbox import store as outbox_store
-from z3c.celery.testing import servers
 from z3c.celery.message import RESENT_HEADER
+from z3c.celery.message import TaskMessage
 from z3c.celery.outbox import relay
+from z3c.celery.outbox import store as outbox_store
 from z3c.celery.outbox.relay import Relay
 from z3c.celery.outbox.relay import RelayTimer
 from z3c.celery.outbox.store import purge
 from z3c.celery.outbox.store import retry_dead_letters
+from z3c.celery.sending import publish as publishing
+from z3c.celery.testing import servers
 
 from .test_outbox import broker_ids
 

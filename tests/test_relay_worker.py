@@ -13,13 +13,12 @@ import zope.component
 from zope.configuration import xmlconfig
 
 from z3c.celery import database
+from z3c.celery.interfaces import ITask
 from z3c.celery.outbox import store
 from z3c.celery.testing import servers
-from z3c.celery.interfaces import ITask
-
-from tests import workers
 
 from .conftest import SITE_ZCML
+from tests import workers
 
 
 @pytest.fixture(scope='module')

@@ -5,19 +5,19 @@ import threading
 import pytest
 import transaction
 import zope.component
-import zope.component.testing
 import zope.component.hooks
+import zope.component.testing
 import zope.event
 import zope.security.management
 from ZODB.POSException import ConflictError
 
 import z3c.celery
 from z3c.celery import events
-from z3c.celery.worker.components import BackoffConflictPolicy
 from z3c.celery.exceptions import ConflictRetriesExceeded
+from z3c.celery.exceptions import UnknownPrincipal
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import ITask
-from z3c.celery.exceptions import UnknownPrincipal
+from z3c.celery.worker.components import BackoffConflictPolicy
 
 from .conftest import read_data
 from tests import tasks

@@ -14,9 +14,9 @@ import zope.component
 from zope.configuration.exceptions import ConfigurationError
 
 import z3c.celery
+from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
-from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.signing import signature
 from z3c.celery.signing import verify
 

@@ -8,12 +8,13 @@ import transaction
 import zope.component
 
 import z3c.celery
+import z3c.celery.celery
 import z3c.celery.conftest
-from z3c.celery import layer
-from z3c.celery.outbox import store
-from z3c.celery.testing import servers
 from z3c.celery import testing
 from z3c.celery.interfaces import ITask
+from z3c.celery.outbox import store
+from z3c.celery.testing import layers as layer
+from z3c.celery.testing import servers
 
 
 SITE = testing.site_zcml('''

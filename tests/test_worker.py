@@ -20,12 +20,12 @@ from zope.configuration import xmlconfig
 
 import z3c.celery
 from z3c.celery import database
-from z3c.celery.worker import markers
-from z3c.celery.testing import get_principal
-from z3c.celery.testing import login_principal
+from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
-from z3c.celery.exceptions import InvalidSignature
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
+from z3c.celery.worker import markers
 
 from tests import workers
 

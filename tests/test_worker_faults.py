@@ -12,11 +12,11 @@ import zope.security.management
 from zope.configuration import xmlconfig
 
 import z3c.celery
-from z3c.celery.worker import markers
+from z3c.celery.interfaces import ITask
 from z3c.celery.testing import get_principal
 from z3c.celery.testing import login_principal
-from z3c.celery.interfaces import ITask
 from z3c.celery.testing import servers
+from z3c.celery.worker import markers
 
 from tests import workers
 

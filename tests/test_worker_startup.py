@@ -11,10 +11,10 @@ import zope.component.testing
 import zope.security.management
 from zope.configuration import xmlconfig
 
-from z3c.celery.worker import markers
+from z3c.celery.interfaces import ITask
 from z3c.celery.testing import get_principal
 from z3c.celery.testing import login_principal
-from z3c.celery.interfaces import ITask
+from z3c.celery.worker import markers
 
 from tests import workers
 

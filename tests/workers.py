@@ -16,7 +16,6 @@ import time
 
 from z3c.celery import testing
 from z3c.celery.testing import servers
-from z3c.celery.testing.worker import WorkerError  # noqa: F401
 
 
 #: The principals of the test site (``id, title, login, password``).

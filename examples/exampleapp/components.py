@@ -1,12 +1,11 @@
 """The example site's component override (see ``site.zcml``)."""
 import zope.interface
+from exampleapp import data
+from exampleapp import principal_id
 
 from z3c.celery.exceptions import HandleAfterAbort
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.worker.components import run_in_transaction
-
-from exampleapp import data
-from exampleapp import principal_id
 
 
 @zope.interface.implementer(IAfterAbortHandler)

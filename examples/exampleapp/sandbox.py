@@ -7,12 +7,12 @@ each in its own transaction and connection, as a worker would run them.
 """
 import os
 
+import exampleapp
 import ZODB
 import ZODB.FileStorage
 import zope.component.testing
 from zope.configuration import xmlconfig
 
-import exampleapp
 from z3c.celery import CELERY
 from z3c.celery import database
 

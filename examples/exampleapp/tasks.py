@@ -4,11 +4,11 @@ Each is bound (``bind="true"``) to see its own id in ``self.request``.
 """
 import time
 
-from z3c.celery.exceptions import HandleAfterAbort
-
 from exampleapp import data
 from exampleapp import note_run
 from exampleapp import principal_id
+
+from z3c.celery.exceptions import HandleAfterAbort
 
 
 def publish(self, name):

@@ -10,10 +10,11 @@ import plone.testing
 import plone.testing.zca
 import zope.principalregistry.principalregistry
 
-import tests.compat1x
 import z3c.celery.conftest
 import z3c.celery.layer
 import z3c.celery.testing
+
+import tests.compat1x
 from tests.compat1x import celeryconfig
 
 

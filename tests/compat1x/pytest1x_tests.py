@@ -10,12 +10,12 @@ import zope.authentication.interfaces
 import zope.component
 import zope.principalregistry.principalregistry
 
-import tests.compat1x
 import z3c.celery.celery
 import z3c.celery.testing
 from z3c.celery.session import celery_session
 from z3c.celery.testing import open_zodb_copy
 
+import tests.compat1x
 from tests.compat1x import tasks
 
 

@@ -5,9 +5,9 @@ import transaction
 import zope.component
 import zope.security.management
 
+from z3c.celery.interfaces import ITask
 from z3c.celery.testing import get_principal
 from z3c.celery.testing import login_principal
-from z3c.celery.interfaces import ITask
 
 from tests.guide import layers
 

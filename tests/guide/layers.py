@@ -1,12 +1,13 @@
 """zope.testrunner layers of the guide: site ZCML, a database, a mode."""
 import plone.testing
 import plone.testing.zca
-import zope.principalregistry.principalregistry
 import plone.testing.zodb
+import zope.principalregistry.principalregistry
 
-import tests.guide
 import z3c.celery.layer
 import z3c.celery.testing
+
+import tests.guide
 
 
 class SiteZCML(plone.testing.zca.ZCMLSandbox):

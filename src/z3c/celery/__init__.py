@@ -35,6 +35,7 @@ CELERY.set_default()
 # its name, so the module is imported first and the decorator bound last.
 from z3c.celery import task as _task_module  # noqa: E402,F401
 
+
 #: 1.x name: the task decorator of ``CELERY``.
 task = CELERY.task
 

@@ -54,7 +54,7 @@ class _UserOptions(defaultdict):
     def _add_ours(self):
         if not self._ours:
             self._ours = True
-            from z3c.celery.worker import bootsteps   # the command's side
+            from z3c.celery.worker import bootsteps  # the command's side
             for command, options in bootsteps.command_options().items():
                 super().__getitem__(command).update(options)
 

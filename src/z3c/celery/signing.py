@@ -1,22 +1,10 @@
 """Signed task messages: a worker runs only what a holder of the secret sent.
 
-The id of the principal a task runs as travels in the message
-(``_principal_id_``), so whoever can write to the broker could otherwise
-make a worker run any task as anyone, an administrator included.  With
-``signing_secret`` set in ``<celery:config>`` (on the sending *and* the
-worker side) every message carries an HMAC-SHA256 in the header
-`HEADER`, computed over the task name, the task id, the positional and
-the keyword arguments (the principal id included).  A worker with the
-secret refuses a message without a valid signature: it runs nothing, the
-task fails with `InvalidSignature` (recorded in the result backend) and
-an error is logged.
-
-The signature is over a canonical JSON text of the values, so it does not
-depend on the serializer or on the order of keyword arguments; values
-JSON cannot hold are represented by their pickle.  Replaying a signed
-message unchanged is possible for whoever can read the broker: its
-task id stays the same, so done-markers keep its ZODB effects from being
-applied twice.
+With ``signing_secret`` set, every message carries an HMAC-SHA256 (header
+`HEADER`) over a canonical JSON text of the task name, id and arguments
+(the principal id included), and a worker refuses a message without a
+valid one: nothing runs, the task fails with `InvalidSignature`.  See
+docs/worker.rst for what it covers and the threat model.
 """
 import base64
 import datetime

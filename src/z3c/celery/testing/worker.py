@@ -105,7 +105,8 @@ class WorkerProcess:
     `start` waits up to *timeout* seconds (default ``worker_boot_timeout``
     or 60) and raises `WorkerError` with the worker's log if it exits or
     does not answer; `stop` ends it by its pid (SIGTERM, then SIGKILL to
-    its process group).  Its output is in `log_path`.
+    its process group) and keeps its exit status in `returncode`.  Its
+    output is in `log_path`.
     """
 
     def __init__(self, settings=None, includes=(), parameters=None,
@@ -138,6 +139,8 @@ class WorkerProcess:
             self.directory, f'worker-{self.name.partition("@")[0]}.log')
         self.config_path = os.path.join(self.directory, 'celeryconfig.py')
         self.process = None
+        #: The exit status of the process, once stopped.
+        self.returncode = None
         self._log = None
         self._ping_app = None
 
@@ -319,6 +322,9 @@ class WorkerProcess:
         self._release()
 
     def _release(self):
+        if self.process is not None:
+            self.returncode = self.process.returncode
+            self.process = None
         if self._ping_app is not None:
             with contextlib.suppress(Exception):
                 self._ping_app.close()

@@ -28,7 +28,7 @@ def filestorage_db(path):
 
 def zeo_db(address, timeout=30):
     """A database on the ZEO server at *address*, with a root folder."""
-    import ZEO     # only for ZEO: a test of a FileStorage site needs none
+    import ZEO  # only for ZEO: a test of a FileStorage site needs none
     return ensure_root_folder(
         ZEO.DB(tuple(address), wait_timeout=timeout))
 

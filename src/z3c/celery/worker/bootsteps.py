@@ -21,10 +21,10 @@ from celery import bootsteps
 from celery.bin.base import CeleryOption
 from celery.concurrency.prefork import TaskPool
 
+import z3c.celery.logging
 from z3c.celery import database
 from z3c.celery.exceptions import WorkerSetupError
 from z3c.celery.exceptions import ZopeConfError
-from z3c.celery.logging import apply_logging_ini
 from z3c.celery.worker import zopeconf
 
 
@@ -121,7 +121,7 @@ def _setup_logging_ini(app, path):
             f'z3c.celery: logging configuration not found: {path}')
     _state.logging_ini = path
     if app.log.already_setup:
-        apply_logging_ini(path)
+        z3c.celery.logging.apply_logging_ini(path)
     else:
         # Celery configures logging only when nobody answers this signal.
         celery.signals.setup_logging.connect(
@@ -129,7 +129,7 @@ def _setup_logging_ini(app, path):
 
 
 def _on_setup_logging(**kw):
-    apply_logging_ini(_state.logging_ini)
+    z3c.celery.logging.apply_logging_ini(_state.logging_ini)
 
 
 @celery.signals.celeryd_init.connect(weak=False)

@@ -35,13 +35,13 @@ from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.message import TID_HEADER
 from z3c.celery.worker import components
 from z3c.celery.worker import markers
+from z3c.celery.worker.components import Participation
 from z3c.celery.worker.connection import abort as _abort
 from z3c.celery.worker.connection import catch_up
 from z3c.celery.worker.connection import close as _close
 from z3c.celery.worker.connection import idle as _idle
 from z3c.celery.worker.connection import raise_known_conflict
 from z3c.celery.worker.connection import thread_seat
-from z3c.celery.worker.components import Participation
 
 
 log = logging.getLogger(__name__)

@@ -1,158 +1,26 @@
-"""In-process parts of the worker: zope.conf loading, databases, the
-bootstep's settings, and done-markers run through the runner (inline)."""
-import sys
+"""Done-markers: through the runner (in-process), their partitions, and
+which runs look for them everywhere."""
 import time
 
-import BTrees.Length
 import celery
-import persistent.mapping
 import pytest
 import transaction
 import ZODB
-import ZODB.POSException
 import ZODB.interfaces
+import ZODB.POSException
 import zope.component
 import zope.component.hooks
 from celery.exceptions import Ignore
 
 import z3c.celery
 from z3c.celery import database
-from z3c.celery.worker import markers
-from z3c.celery.worker import connection as worker_connection
-from z3c.celery.message import commit_token
-from z3c.celery.worker import bootsteps
-from z3c.celery.worker.connection import catch_up
-from z3c.celery.worker import zopeconf
 from z3c.celery.interfaces import ITask
+from z3c.celery.worker import connection as worker_connection
+from z3c.celery.worker import markers
 
 from tests import tasks
 from tests import workers
 from tests.conftest import read_data
-
-
-@pytest.fixture
-def site(tmp_path, zca):
-    fs = workers.prepare_filestorage(str(tmp_path / 'Data.fs'),
-                                     {'k': 'v'})
-    return workers.write_site(str(tmp_path / 'site'), 'memory://env',
-                              fs_path=fs)
-
-
-def test_load_zope_conf_executes_the_site_zcml_once(site):
-    options = zopeconf.load_zope_conf(site.zope_conf)
-    assert zope.component.queryUtility(ITask, 'w.whoami') is not None
-    assert z3c.celery.CELERY.conf.broker_url == 'memory://env'
-    assert zopeconf.load_zope_conf(site.zope_conf) is options
-    assert zopeconf.loaded_path() == site.zope_conf
-
-
-def test_a_second_zope_conf_is_refused(site, tmp_path):
-    zopeconf.load_zope_conf(site.zope_conf)
-    other = tmp_path / 'other.conf'
-    other.write_text(open(site.zope_conf).read())
-    with pytest.raises(zopeconf.ZopeConfError, match='already loaded'):
-        zopeconf.load_zope_conf(str(other))
-
-
-def test_paths_and_site_definition_are_relative_to_zope_conf(
-        site, tmp_path):
-    conf = tmp_path / 'site' / 'relative.conf'
-    text = open(site.zope_conf).read().replace(
-        site.site_zcml, 'site.zcml')
-    conf.write_text('path lib\n' + text)
-    saved = sys.path[:]
-    try:
-        zopeconf.load_zope_conf(str(conf))
-        assert sys.path[0] == str(tmp_path / 'site' / 'lib')
-    finally:
-        sys.path[:] = saved
-
-
-def test_missing_site_definition_is_named(site, tmp_path):
-    conf = tmp_path / 'bad.conf'
-    conf.write_text(open(site.zope_conf).read().replace(
-        site.site_zcml, str(tmp_path / 'nowhere.zcml')))
-    with pytest.raises(zopeconf.ZopeConfError, match='nowhere.zcml'):
-        zopeconf.load_zope_conf(str(conf))
-
-
-def test_open_databases_registers_sets_and_closes(site):
-    zopeconf.load_zope_conf(site.zope_conf)
-    db = zopeconf.open_databases()
-    try:
-        assert zope.component.getUtility(ZODB.interfaces.IDatabase) is db
-        assert database.get_database() is db
-        with db.transaction() as conn:
-            root = conn.root()
-            assert root['data']['k'] == 'v'
-            assert markers.CONTAINER_KEY in root
-    finally:
-        zopeconf.close_databases()
-    assert database.get_database() is None
-    assert zope.component.queryUtility(ZODB.interfaces.IDatabase) is None
-
-
-def test_root_folder_is_created_once_when_missing(tmp_path):
-    db = ZODB.DB(None)
-    try:
-        assert zopeconf.ensure_root_folder(db) is True
-        assert zopeconf.ensure_root_folder(db) is False
-        with db.transaction() as conn:
-            site = conn.root()[database.ROOT_NAME]
-            assert zope.component.interfaces.ISite.providedBy(site)
-    finally:
-        db.close()
-
-
-def test_boot_without_zope_conf_says_what_to_set(zca):
-    app = z3c.celery.CELERY
-    with pytest.raises(bootsteps.WorkerSetupError) as error:
-        bootsteps.boot(app)
-    assert str(error.value) == bootsteps.NO_ZOPE_CONF
-    assert bootsteps._state.booted is False
-
-
-def test_worker_boot_timeout_sets_proc_alive_timeout(site, monkeypatch):
-    monkeypatch.setattr(bootsteps, '_state', bootsteps._State())
-    app = z3c.celery.CELERY
-    app.conf.worker_boot_timeout = 42
-    try:
-        bootsteps.boot(app, site.zope_conf)
-        assert app.conf.worker_proc_alive_timeout == 42.0
-        assert app.conf.result_backend_always_retry is True
-    finally:
-        del app.conf.changes['worker_boot_timeout']
-        app.conf.changes.pop('worker_proc_alive_timeout', None)
-        app.conf.changes.pop('result_backend_always_retry', None)
-
-
-def test_logging_ini_of_the_site_zcml_is_applied(tmp_path, monkeypatch, zca):
-    """LOGGING_INI in <celery:config> counts, although read late."""
-    monkeypatch.setattr(bootsteps, '_state', bootsteps._State())
-    ini = tmp_path / 'logging.ini'
-    ini.write_text('[loggers]\nkeys = root\n[handlers]\nkeys =\n'
-                   '[formatters]\nkeys =\n[logger_root]\nhandlers =\n')
-    fs = workers.prepare_filestorage(str(tmp_path / 'Data.fs'))
-    site = workers.write_site(str(tmp_path / 'site'), 'memory://env',
-                              fs_path=fs, config=f'LOGGING_INI="{ini}"')
-    applied = []
-    monkeypatch.setattr('z3c.celery.logging.apply_logging_ini',
-                        applied.append)
-    app = z3c.celery.CELERY
-    app.log.already_setup, saved = True, app.log.already_setup
-    try:
-        bootsteps.boot(app, site.zope_conf)
-    finally:
-        app.log.already_setup = saved
-        app.conf.changes.pop('result_backend_always_retry', None)
-    assert applied == [str(ini)]
-
-
-def test_worker_options_are_installed():
-    names = {option.name for option in
-             z3c.celery.CELERY.user_options['worker']}
-    assert {'zope_conf', 'logging_ini'} <= names
-    assert bootsteps.ZopeEnvironment in z3c.celery.CELERY.steps['worker']
 
 
 # Done-markers through the runner, in-process
@@ -210,7 +78,7 @@ def pool_process(load_zcml, db, login):
     load_zcml('''
       <celery:config dispatch="inline" broker_url="redis://127.0.0.1:1/0" />
       <celery:task name="t.counted"
-                   handler="tests.test_worker_env.counted_increment" />''')
+                   handler="tests.test_markers.counted_increment" />''')
     login('zope.alice')
     RAN.clear()
     yield db
@@ -325,40 +193,6 @@ def test_generations_are_looked_up_and_pruned():
         db.close()
 
 
-def test_commit_token_and_catch_up_over_zeo(tmp_path, zca):
-    """A worker's ZEO client sees the sender's commit before the task."""
-    import ZEO
-
-    from z3c.celery.testing import servers
-    with servers.ZEOServer(str(tmp_path / 'zeo.fs')) as zeo:
-        sender = ZEO.DB(zeo.address)
-        receiver = ZEO.DB(zeo.address)      # no server-sync
-        try:
-            workers.prepare_database(sender)
-            database.set_database(sender)
-            for i in range(20):
-                with sender.transaction() as conn:
-                    conn.root()['data']['n'] = i
-                token = commit_token(z3c.celery.CELERY)
-                assert token == sender.lastTransaction().hex()
-                catch_up(receiver, token)
-                assert receiver.storage.lastTransaction() >= \
-                    bytes.fromhex(token)
-                with receiver.transaction() as conn:
-                    assert conn.root()['data']['n'] == i
-            # Up to date: no round trip is made.
-            assert catch_up(receiver, token) is False
-            assert catch_up(receiver, None) is False
-        finally:
-            database.set_database(None)
-            sender.close()
-            receiver.close()
-
-
-def test_no_database_no_token(zca):
-    assert commit_token(z3c.celery.CELERY) is None
-
-
 # Partitions: a first delivery marks in its process's own partition and,
 # when it marks, looks only in the shared one; a run that may repeat one
 # looks everywhere and marks in the shared one.  Both kinds at the same
@@ -368,27 +202,13 @@ DAY = 86400
 
 
 @pytest.fixture
-def fs_db(tmp_path):
-    """A FileStorage database, and a connection factory with own managers."""
-    db = ZODB.DB(str(tmp_path / 'Markers.fs'))
-    with db.transaction() as conn:
-        for slot in SLOTS:
-            conn.root()[slot] = persistent.mapping.PersistentMapping()
-        # The steady state: this generation and our partition exist.
-        markers.mark_done(conn, 'earlier', DAY, shared=False)
-    opened = []
-
-    def open_connection():
-        manager = transaction.TransactionManager()
-        conn = db.open(transaction_manager=manager)
-        opened.append(conn)
-        manager.begin()
-        return conn
-    yield open_connection
-    for conn in opened:
-        conn.transaction_manager.abort()
-        conn.close()
-    db.close()
+def fs_db(fs_db):
+    """The database of conftest in the steady state of markers: this
+    generation and our partition exist."""
+    conn = fs_db()
+    markers.mark_done(conn, 'earlier', DAY, shared=False)
+    conn.transaction_manager.commit()
+    return fs_db
 
 
 #: Objects the tasks of the tests write to, one each: they conflict only
@@ -484,63 +304,6 @@ def test_different_messages_at_once_do_not_conflict(fs_db, monkeypatch):
     conn.transaction_manager.begin()
     assert all(markers.done_at(conn, task_id, DAY)
                for task_id in ('one', 'two', 'three'))
-
-
-# A conflict that committing would hit is raised before the commit (no
-# vote, no half-done commit to abort); one that the object may resolve
-# itself is left to the commit.
-
-@pytest.mark.parametrize('how, error, message', [
-    ('changed', ZODB.POSException.ConflictError,
-     'changed by another.*found before the commit.*PersistentMapping'),
-    ('read as current', ZODB.POSException.ReadConflictError,
-     'read as current.*found before the commit'),
-])
-def test_an_object_changed_since_fails_before_the_commit(
-        fs_db, how, error, message):
-    mine, other = fs_db(), fs_db()
-    mine.root()['a']['x'] = 1
-    if how == 'read as current':
-        mine.readCurrent(mine.root()['b'])
-    else:
-        mine.root()['b']['x'] = 1
-    worker_connection.raise_known_conflict(mine)      # nothing changed yet
-    other.root()['b']['y'] = 2
-    other.transaction_manager.commit()
-    with pytest.raises(error, match=message):
-        worker_connection.raise_known_conflict(mine)
-    # What the commit would have said too.
-    with pytest.raises(error):
-        mine.transaction_manager.commit()
-
-
-def test_a_change_reported_late_but_already_seen_is_no_conflict(fs_db):
-    """The report of a commit can come a moment after a transaction began
-    that already sees it (a race made here by hand): no conflict."""
-    mine, other = fs_db(), fs_db()
-    other.root()['b']['y'] = 2
-    other.transaction_manager.commit()
-    mine.transaction_manager.begin()
-    changed = mine.root()['b']
-    assert changed['y'] == 2
-    changed['x'] = 1
-    mine._storage._invalidate(changed._p_serial, [changed._p_oid])
-    worker_connection.raise_known_conflict(mine)
-    mine.transaction_manager.commit()
-
-
-def test_conflicts_an_object_resolves_are_left_to_the_commit(fs_db):
-    setup = fs_db()
-    setup.root()['length'] = BTrees.Length.Length()
-    setup.transaction_manager.commit()
-    mine, other = fs_db(), fs_db()
-    mine.root()['length'].change(1)
-    other.root()['length'].change(2)
-    other.transaction_manager.commit()
-    worker_connection.raise_known_conflict(mine)      # Length resolves it
-    mine.transaction_manager.commit()
-    setup.transaction_manager.begin()
-    assert setup.root()['length']() == 3
 
 
 def request(**info):
