@@ -279,3 +279,20 @@ def zope_celery_recorder():
     from z3c.celery import testing
     with testing.TaskRecorder() as recorder:
         yield recorder
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Register `z3c.celery.celery_fixtures` after every other plugin.
+
+    1.x projects used ``celery_session_worker`` of Celery's plugin; the
+    one of `z3c.celery.celery_fixtures` (a real Zope worker when
+    ``celery_config`` names a ``ZOPE_CONF``) must win over Celery's,
+    whether that was loaded with ``-p``, an entry point or a
+    ``pytest_plugins`` of an initial conftest: among plugins, the one
+    registered last wins.
+    """
+    name = 'z3c.celery.celery_fixtures'
+    if not config.pluginmanager.has_plugin(name):
+        from z3c.celery import celery_fixtures
+        config.pluginmanager.register(celery_fixtures, name)
