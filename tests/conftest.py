@@ -17,6 +17,11 @@ from z3c.celery.zopeconf import ensure_root_folder
 
 
 HERE = os.path.dirname(__file__)
+
+#: A 1.x project with a conftest of its own, run in its own pytest process
+#: by test_compat1x_project.py.
+collect_ignore = ['compat1x_project']
+
 ROOT = os.path.dirname(HERE)
 
 #: The site part every functional test loads: our package, two principals
