@@ -17,6 +17,9 @@ TESTS_REQUIRE = [
     'zope.testrunner',
     'zope.site',
     'plone.testing',
+    # Runs plone.testing layers under pytest, as 1.x projects do
+    # (tests/compat1x_project).
+    'zope.pytestlayer',
     'rich',
     'sphinx',
 ]

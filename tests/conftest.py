@@ -21,6 +21,11 @@ from tests.workers import PRINCIPALS
 
 
 HERE = os.path.dirname(__file__)
+
+#: A 1.x project with a conftest of its own, run in its own pytest process
+#: by test_compat1x_project.py.
+collect_ignore = ['compat1x_project']
+
 ROOT = os.path.dirname(HERE)
 
 #: The site every functional test loads: our package, the principals of

@@ -3,11 +3,11 @@ a real worker and Redis, through ``EndToEndLayer``) and of the testing
 guide (``InlineLayer``, ``EagerLayer``), as their users run them."""
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
+
+from tests.processes import run_bounded
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,17 +24,8 @@ def testrunner():
     env['PYTHONPATH'] = os.pathsep.join(
         p for p in (ROOT, env.get('PYTHONPATH')) if p)
     # Its own process group: on a timeout, the worker it started goes too.
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=30)
-        pytest.fail(f'zope.testrunner did not finish in {TIMEOUT}s:\n'
-                    f'{output}')
-    return process.returncode, output
+    return run_bounded(command, TIMEOUT, 'zope.testrunner', cwd=ROOT,
+                       env=env)
 
 
 def layer_summary(output, layer):

@@ -1,11 +1,9 @@
 """pytest runs the 1.x application's pytest tests with the fixtures of
 ``z3c.celery.conftest`` (incl. ``celery_session_worker``: a real worker)."""
 import os
-import signal
-import subprocess
 import sys
 
-import pytest
+from tests.processes import run_bounded
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,14 +15,6 @@ def test_1x_pytest_fixtures_run_the_1x_tests():
                '-p', 'no:cacheprovider', '-q',
                'tests/compat1x/pytest1x_tests.py']
     # Its own process group: on a timeout, the worker it started goes too.
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=30)
-        pytest.fail(f'pytest did not finish in {TIMEOUT}s:\n{output}')
-    assert process.returncode == 0, output
+    returncode, output = run_bounded(command, TIMEOUT, 'pytest', cwd=ROOT)
+    assert returncode == 0, output
     assert '4 passed' in output, output

@@ -218,7 +218,7 @@ class TestEndToEndLayerChecks:
         return layer.EndToEndLayer(bases=(settings,), name='E2E')
 
     def test_1x_parameters_are_accepted(self):
-        layer._check_parameters(z3c.celery.conftest.celery_parameters())
+        testing.check_celery_parameters(z3c.celery.conftest.celery_parameters())
 
     @pytest.mark.parametrize('parameters, message', [
         ({'broker': 'x'}, "'broker' is not supported"),
@@ -227,7 +227,7 @@ class TestEndToEndLayerChecks:
     ])
     def test_other_parameters_are_refused(self, parameters, message):
         with pytest.raises(ValueError, match=message):
-            layer._check_parameters(parameters)
+            testing.check_celery_parameters(parameters)
 
     def test_zope_conf_is_required(self):
         e2e = self.layer(celery_config={'broker_url': 'redis://x'})

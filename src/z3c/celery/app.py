@@ -180,6 +180,38 @@ class ZopeLoader(celery.loaders.app.AppLoader):
             return super().read_configuration(env)
         return {}
 
+    def on_worker_process_init(self):
+        """Load ``ZOPE_CONF`` and open its databases in this process.
+
+        1.x's hook.  A worker started by Celery sets its processes up with
+        our bootstep and signals (`z3c.celery.worker.bootsteps`), so this
+        does nothing there; called by hand (as 1.x's tests did) it sets up
+        the Zope environment of the current process: the site ZCML is
+        executed, the databases are opened.  `on_worker_shutdown` undoes
+        it.
+        """
+        # Imported here: only a worker loads a zope.conf (ZConfig,
+        # zope.app.appsetup), never a process that only queues tasks.
+        from z3c.celery.worker import bootsteps
+        if bootsteps.booted():
+            return
+        path = self.app.conf.get('ZOPE_CONF')
+        if not path:
+            raise ValueError(
+                'Celery setting ZOPE_CONF not set, check celery worker '
+                'config.')
+        bootsteps.zopeconf.load_zope_conf(path)
+        bootsteps.zopeconf.open_databases()
+        self._z3c_loaded = True
+
+    def on_worker_shutdown(self):
+        """Close what `on_worker_process_init` opened and forget the
+        zope.conf, so that it can be loaded again."""
+        if getattr(self, '_z3c_loaded', False):
+            from z3c.celery.worker import bootsteps
+            self._z3c_loaded = False
+            bootsteps.zopeconf.unload()
+
 
 def current_principal_id():
     """The id of the principal of the current interaction, or ``None``."""

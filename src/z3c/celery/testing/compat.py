@@ -21,7 +21,6 @@ import collections
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -32,6 +31,7 @@ import z3c.celery
 from z3c.celery import testing
 from z3c.celery.app import TransactionAwareTask
 from z3c.celery.app import ZopeLoader
+from z3c.celery.testing.celery_fixtures import celery_session_worker  # noqa
 from z3c.celery.worker.components import login_principal
 
 
@@ -112,6 +112,13 @@ def celery_parameters():
     }
 
 
+# 1.x's layers built their settings with these (plain functions, not
+# fixtures): ``_celery_config(zope_conf)``, ``_celery_parameters()``; and
+# ``_zope_conf(storage_file)`` (a context manager, above).
+_celery_config = celery_config
+_celery_parameters = celery_parameters
+
+
 def celery_enable_logging():
     return True
 
@@ -179,7 +186,7 @@ def _eager_celery_app(zope_conf):
 
 
 @pytest.fixture(name='celery_config', scope='session')
-def _celery_config(zope_conf, request):
+def _celery_config_fixture(zope_conf, request):
     config = celery_config(zope_conf)
     if 'broker_url' not in config:
         url = request.getfixturevalue('zope_celery_redis').url + '/1'
@@ -188,7 +195,7 @@ def _celery_config(zope_conf, request):
 
 
 @pytest.fixture(name='celery_parameters', scope='session')
-def _celery_parameters():
+def _celery_parameters_fixture():
     return celery_parameters()
 
 
@@ -210,33 +217,3 @@ def _celery_worker_pool():
 @pytest.fixture(name='celery_worker_parameters', scope='session')
 def _celery_worker_parameters():
     return celery_worker_parameters()
-
-
-@pytest.fixture(name='celery_session_worker', scope='session')
-def _celery_session_worker(celery_config, celery_includes,
-                           celery_worker_pool, celery_worker_parameters,
-                           storage_file):
-    """A real worker for the session; ``z3c.celery.CELERY`` publishes to it.
-
-    The worker opens the FileStorage ``storage_file`` (read it with
-    ``testing.open_zodb_copy``); a root folder is created first.
-    """
-    testing.filestorage_db(storage_file).close()
-    parameters = dict(celery_worker_parameters)
-    parameters.setdefault('pool', celery_worker_pool)
-    parameters.setdefault('concurrency', 1)
-    worker = testing.WorkerProcess(
-        celery_config, includes=celery_includes, parameters=parameters,
-        pythonpath=[p for p in sys.path if p and os.path.isdir(p)])
-    for module in celery_includes:
-        __import__(module)
-    undo = testing.override_settings(
-        z3c.celery.CELERY,
-        dict(celery_config, **testing.mode_settings('end-to-end')))
-    try:
-        worker.start()
-        yield worker
-    finally:
-        testing.release_results(z3c.celery.CELERY)
-        worker.close()
-        undo()

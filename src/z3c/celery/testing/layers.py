@@ -25,9 +25,8 @@ import plone.testing
 import z3c.celery
 from z3c.celery import database
 from z3c.celery import testing
-from z3c.celery.app import TransactionAwareTask
-from z3c.celery.app import ZopeLoader
 from z3c.celery.testing.servers import RedisServer
+from z3c.celery.testing.worker import check_celery_parameters
 
 
 class _ModeLayer(plone.testing.Layer):
@@ -88,38 +87,6 @@ class InlineLayer(_ModeLayer):
 INLINE_LAYER = InlineLayer()
 
 
-#: The keys of ``celery_parameters`` (1.x: arguments to create the test
-#: app) that still mean something: 2.x's end-to-end tests use
-#: ``z3c.celery.CELERY`` itself, whose task class and loader are fixed.
-_PARAMETERS = ('task_cls', 'loader', 'strict_typing')
-
-
-def _check_parameters(parameters):
-    for key, value in parameters.items():
-        if key not in _PARAMETERS:
-            raise ValueError(
-                f'celery_parameters: {key!r} is not supported; the '
-                'end-to-end layer uses z3c.celery.CELERY (put Celery '
-                'settings into celery_config)')
-        if key == 'task_cls' and not (
-                value in ('z3c.celery.task:TransactionAwareTask',
-                          'z3c.celery.app:TransactionAwareTask',
-                          'z3c.celery.celery:TransactionAwareTask')
-                or isinstance(value, type)
-                and issubclass(value, TransactionAwareTask)):
-            raise ValueError(
-                f'celery_parameters: task_cls must be TransactionAwareTask, '
-                f'not {value!r}')
-        if key == 'loader' and not (
-                isinstance(value, type) and issubclass(value, ZopeLoader)
-                or value in ('z3c.celery.loader:ZopeLoader',
-                             'z3c.celery.app:ZopeLoader',
-                             'z3c.celery.celery:ZopeLoader')):
-            raise ValueError(
-                f'celery_parameters: loader must be ZopeLoader, not '
-                f'{value!r}')
-
-
 class EndToEndLayer(plone.testing.Layer):
     """A real ``celery worker`` process for the tests of this layer.
 
@@ -147,7 +114,7 @@ class EndToEndLayer(plone.testing.Layer):
     def setUp(self):
         config = dict(self['celery_config'])
         parameters = dict(self.get('celery_parameters') or {})
-        _check_parameters(parameters)
+        check_celery_parameters(parameters)
         worker_parameters = dict(self.get('celery_worker_parameters') or {})
         includes = tuple(self.get('celery_includes') or ())
         if not config.get('ZOPE_CONF'):

@@ -276,3 +276,19 @@ def zope_celery_recorder():
     """A `z3c.celery.testing.TaskRecorder` active during the test."""
     with _testing().TaskRecorder() as recorder:
         yield recorder
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Register `z3c.celery.testing.celery_fixtures` after every plugin.
+
+    1.x projects used ``celery_session_worker`` of Celery's plugin; the
+    one of `celery_fixtures` (a real Zope worker when
+    ``celery_config`` names a ``ZOPE_CONF``) must win over Celery's,
+    whether that was loaded with ``-p``, an entry point or a
+    ``pytest_plugins`` of an initial conftest: among plugins, the one
+    registered last wins.
+    """
+    name = 'z3c.celery.testing.celery_fixtures'
+    if not config.pluginmanager.has_plugin(name):
+        config.pluginmanager.import_plugin(name)

@@ -18,6 +18,9 @@ import uuid
 
 import celery
 
+from z3c.celery.app import TransactionAwareTask
+from z3c.celery.app import ZopeLoader
+
 
 def write_celeryconfig(path, settings):
     """Write *settings* as a celeryconfig Python file to *path*.
@@ -75,6 +78,40 @@ def worker_options(parameters):
             value = ','.join(value)
         options.extend([option, str(value)])
     return options
+
+
+#: The keys of ``celery_parameters`` (1.x: arguments to create the test
+#: app) that still mean something: 2.x's end-to-end tests use
+#: ``z3c.celery.CELERY`` itself, whose task class and loader are fixed.
+_PARAMETERS = ('task_cls', 'loader', 'strict_typing')
+
+
+def check_celery_parameters(parameters):
+    """Refuse 1.x ``celery_parameters`` that cannot apply to the app of the
+    worker process, ``z3c.celery.CELERY`` (see `EndToEndLayer`)."""
+    for key, value in parameters.items():
+        if key not in _PARAMETERS:
+            raise ValueError(
+                f'celery_parameters: {key!r} is not supported; the '
+                'end-to-end layer uses z3c.celery.CELERY (put Celery '
+                'settings into celery_config)')
+        if key == 'task_cls' and not (
+                value in ('z3c.celery.task:TransactionAwareTask',
+                          'z3c.celery.app:TransactionAwareTask',
+                          'z3c.celery.celery:TransactionAwareTask')
+                or isinstance(value, type)
+                and issubclass(value, TransactionAwareTask)):
+            raise ValueError(
+                f'celery_parameters: task_cls must be TransactionAwareTask, '
+                f'not {value!r}')
+        if key == 'loader' and not (
+                isinstance(value, type) and issubclass(value, ZopeLoader)
+                or value in ('z3c.celery.loader:ZopeLoader',
+                             'z3c.celery.app:ZopeLoader',
+                             'z3c.celery.celery:ZopeLoader')):
+            raise ValueError(
+                f'celery_parameters: loader must be ZopeLoader, not '
+                f'{value!r}')
 
 
 class WorkerError(RuntimeError):

@@ -66,6 +66,11 @@ def logging_ini_option():
              'LOGGING_INI setting of the celeryconfig.')
 
 
+def booted():
+    """Whether this process's worker has loaded its site already."""
+    return _state.booted
+
+
 def command_options():
     """Our options of the ``celery`` subcommands (``app.user_options``)."""
     return {'worker': {zope_conf_option(), logging_ini_option()}}

@@ -29,6 +29,7 @@ from z3c.celery import signing
 from z3c.celery.exceptions import Abort
 from z3c.celery.exceptions import AlreadyDone
 from z3c.celery.exceptions import ConflictRetriesExceeded
+from z3c.celery.exceptions import HandleAfterAbort
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
@@ -78,7 +79,7 @@ def run(task, args, kwargs):
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
     if request.called_directly:
-        return task.run(*args, **kwargs)
+        return run_directly(task, args, kwargs)
     outcome = Runner(task, args, kwargs, principal_id, request,
                      settings).run()
     if outcome.__class__ is _Retrying:
@@ -87,6 +88,25 @@ def run(task, args, kwargs):
         # state), which for the runner's frames cost more than a run.
         raise outcome.retry
     return outcome
+
+
+def run_directly(task, args, kwargs):
+    """``my_task(...)``: the function, in the caller's transaction.
+
+    As in 1.x, the control-flow exceptions still work: ``Abort`` aborts
+    the caller's transaction, runs its callback and returns its message;
+    ``HandleAfterAbort`` runs its callback and is raised again (the caller
+    decides what becomes of its transaction).
+    """
+    try:
+        return task.run(*args, **kwargs)
+    except Abort as abort:
+        transaction.abort()
+        abort()
+        return abort.message
+    except HandleAfterAbort as handle:
+        handle()
+        raise
 
 
 class _Retrying:

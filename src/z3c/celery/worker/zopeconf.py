@@ -240,10 +240,15 @@ def open_own_database(app, zope_conf=None, avoid_filestorage=False):
 
 
 
-def _reset():
+def unload():
+    """Close the databases and forget the zope.conf this process loaded.
+
+    The site's component registrations stay (they go with the tests'
+    cleanup).
+    """
     close_databases()
     _state.path = None
     _state.options = None
 
 
-zope.testing.cleanup.addCleanUp(_reset)
+zope.testing.cleanup.addCleanUp(unload)

@@ -1,0 +1,1 @@
+"""A project that used z3c.celery 1.x."""
