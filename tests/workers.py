@@ -59,21 +59,25 @@ def _fill(template_name, target, **values):
 
 
 def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
+               relstorage_dsn=None, result_backend=None,
                dispatch='after-commit', config='', extra='', events=True):
     """Write ``zope.conf`` and ``site.zcml`` into *directory*.
 
-    Give *fs_path* (a FileStorage file) or *zeo_address* (``(host,
-    port)`` or ``'host:port'``).  *config* is more attributes of
+    Give *fs_path* (a FileStorage file), *zeo_address* (``(host,
+    port)`` or ``'host:port'``) or *relstorage_dsn* (a PostgreSQL DSN).
+    *result_backend* defaults to *broker_url*.  *config* is more attributes of
     ``<celery:config>`` (text), *extra* more ZCML inside ``<configure>``.
     With *events*, a subscriber logs every z3c.celery event (``EVENT
     TaskStarted name[id] principal=...``).
     """
-    if (fs_path is None) == (zeo_address is None):
-        raise ValueError('write_site: give either fs_path or zeo_address')
+    if [fs_path, zeo_address, relstorage_dsn].count(None) != 2:
+        raise ValueError('write_site: give one of fs_path, zeo_address, '
+                         'relstorage_dsn')
     os.makedirs(directory, exist_ok=True)
     site_zcml = _fill(
         'site.zcml.in', os.path.join(directory, 'site.zcml'),
         site_dir=SITE_DIR, broker_url=broker_url, dispatch=dispatch,
+        result_backend=result_backend or broker_url,
         config=config, extra=extra,
         events=f'<include file="{SITE_DIR}/events.zcml" />' if events
         else '')
@@ -81,6 +85,9 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
     if fs_path is not None:
         _fill('zope-filestorage.conf.in', zope_conf, site_zcml=site_zcml,
               fs_path=os.path.abspath(fs_path))
+    elif relstorage_dsn is not None:
+        _fill('zope-relstorage.conf.in', zope_conf, site_zcml=site_zcml,
+              dsn=relstorage_dsn)
     else:
         if not isinstance(zeo_address, str):
             zeo_address = '%s:%s' % tuple(zeo_address)
@@ -122,6 +129,14 @@ def zeo_db(address):
     """
     import ZEO
     return ZEO.DB(tuple(address), wait_timeout=30, server_sync=True)
+
+
+def relstorage_db(dsn):
+    """A ``ZODB.DB`` on the RelStorage (PostgreSQL) database *dsn*."""
+    import ZODB.config
+    return ZODB.config.databaseFromString(
+        '%import relstorage\n<zodb>\n <relstorage>\n  <postgresql>\n'
+        f'   dsn {dsn}\n  </postgresql>\n </relstorage>\n</zodb>\n')
 
 
 def read_data(db):
