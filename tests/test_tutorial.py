@@ -20,8 +20,9 @@ import textwrap
 
 import pytest
 
-from tests.processes import run_bounded
 from z3c.celery.testing.servers import free_port
+
+from tests.processes import run_bounded
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

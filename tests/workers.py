@@ -45,23 +45,26 @@ class Site:
 
 
 def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
+               relstorage_dsn=None, result_backend=None,
                dispatch='after-commit', config='', extra='', events=True):
     """Write ``zope.conf`` and ``site.zcml`` into *directory*.
 
-    Give *fs_path* (a FileStorage file) or *zeo_address* (``(host,
-    port)`` or ``'host:port'``).  *config* is more attributes of
+    Give *fs_path* (a FileStorage file), *zeo_address* (``(host,
+    port)`` or ``'host:port'``) or *relstorage_dsn* (a PostgreSQL DSN).
+    *result_backend* defaults to *broker_url*.  *config* is more attributes of
     ``<celery:config>`` (text), *extra* more ZCML inside ``<configure>``.
     With *events*, a subscriber logs every z3c.celery event (``EVENT
     TaskStarted name[id] principal=...``).
     """
-    if (fs_path is None) == (zeo_address is None):
-        raise ValueError('write_site: give either fs_path or zeo_address')
+    if [fs_path, zeo_address, relstorage_dsn].count(None) != 2:
+        raise ValueError('write_site: give one of fs_path, zeo_address, '
+                         'relstorage_dsn')
     os.makedirs(directory, exist_ok=True)
     site_zcml = os.path.join(directory, 'site.zcml')
     body = f"""
   <celery:config
       broker_url="{broker_url}"
-      result_backend="{broker_url}"
+      result_backend="{result_backend or broker_url}"
       dispatch="{dispatch}"
       {config}
       />
@@ -73,7 +76,8 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
     zope_conf = testing.write_zope_conf(
         os.path.join(directory, 'zope.conf'), site_zcml,
         zodb_path=None if fs_path is None else os.path.abspath(fs_path),
-        zeo_address=zeo_address, wait_timeout=15)
+        zeo_address=zeo_address, relstorage_dsn=relstorage_dsn,
+        wait_timeout=15 if relstorage_dsn is None else 10)
     return Site(directory, zope_conf, site_zcml, broker_url, fs_path,
                 zeo_address)
 
@@ -108,6 +112,14 @@ def zeo_db(address):
     """
     import ZEO
     return ZEO.DB(tuple(address), wait_timeout=30, server_sync=True)
+
+
+def relstorage_db(dsn):
+    """A ``ZODB.DB`` on the RelStorage (PostgreSQL) database *dsn*."""
+    import ZODB.config
+    return ZODB.config.databaseFromString(
+        '%import relstorage\n<zodb>\n <relstorage>\n  <postgresql>\n'
+        f'   dsn {dsn}\n  </postgresql>\n </relstorage>\n</zodb>\n')
 
 
 def read_data(db):

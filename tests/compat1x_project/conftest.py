@@ -6,6 +6,7 @@ fixtures come from the installed pytest plugins.
 import os
 import tempfile
 
+import oneproject
 import plone.testing.zca
 import pytest
 import transaction
@@ -13,7 +14,6 @@ import zope.principalregistry.principalregistry
 import zope.security.management
 import zope.security.testing
 
-import oneproject
 import z3c.celery.celery
 import z3c.celery.testing
 

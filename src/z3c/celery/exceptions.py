@@ -75,9 +75,29 @@ class ConflictRetriesExceeded(RuntimeError):
                 f'retries on write conflicts; last error: {self.error!r}')
 
 
-#: What the default conflict policy retries.
+def _relstorage_lock_errors():
+    """RelStorage's lock errors that are transient but not conflicts.
+
+    Its row-lock errors (``UnableToLockRowsToModifyError``,
+    ``UnableToLockRowsToReadCurrentError``, their ``...DeadlockError``
+    kinds) derive from ``ConflictError`` and are matched by it.  A commit
+    lock that could not be had within ``commit-lock-timeout``
+    (``UnableToAcquireCommitLockError``) is a ``StorageError``: it means
+    other transactions held the lock, so trying again later is right, as
+    for a conflict.  RelStorage is optional.
+    """
+    try:
+        from relstorage.adapters.interfaces import \
+            UnableToAcquireCommitLockError
+    except ImportError:
+        return ()
+    return (UnableToAcquireCommitLockError,)
+
+
+#: What the default conflict policy retries, by type.
 CONFLICT_ERRORS = (ZODB.POSException.ConflictError,
-                   transaction.interfaces.TransientError)
+                   transaction.interfaces.TransientError,
+                   ) + _relstorage_lock_errors()
 
 
 class InvalidSignature(Exception):

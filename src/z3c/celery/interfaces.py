@@ -71,8 +71,10 @@ class IConflictPolicy(zope.interface.Interface):
     def is_conflict(error):
         """Return true if *error* is a conflict that this policy handles.
 
-        The default treats :class:`ZODB.POSException.ConflictError` and
-        :class:`transaction.interfaces.TransientError` as conflicts.
+        The default treats :class:`ZODB.POSException.ConflictError`,
+        :class:`transaction.interfaces.TransientError` and RelStorage's
+        ``UnableToAcquireCommitLockError`` as conflicts (RelStorage's
+        row-lock errors are ``ConflictError`` subclasses).
         """
 
     def countdown(task, error, retries):

@@ -34,8 +34,8 @@ from z3c.celery.testing.site import ZOPE_CONF_TEMPLATE  # noqa: F401
 from z3c.celery.testing.site import site_zcml  # noqa: F401
 from z3c.celery.testing.site import write_zope_conf  # noqa: F401
 from z3c.celery.testing.worker import WorkerError  # noqa: F401
-from z3c.celery.testing.worker import check_celery_parameters  # noqa: F401
 from z3c.celery.testing.worker import WorkerProcess  # noqa: F401
+from z3c.celery.testing.worker import check_celery_parameters  # noqa: F401
 from z3c.celery.testing.worker import worker_options  # noqa: F401
 from z3c.celery.testing.worker import write_celeryconfig  # noqa: F401
 from z3c.celery.testing.zodb import ROOT_NAME  # noqa: F401

@@ -47,6 +47,29 @@ site-definition {ftesting_path}
 </eventlog>
 """
 
+#: The same with RelStorage on PostgreSQL (needs the ``relstorage``
+#: extra): ``dsn`` is a libpq connection string.
+RELSTORAGE_ZOPE_CONF_TEMPLATE = """\
+%import relstorage
+
+site-definition {ftesting_path}
+
+<zodb>
+  <relstorage>
+    # Lock waits fail fast, so that lock errors reach the conflict policy.
+    commit-lock-timeout {wait_timeout}
+    <postgresql>
+      dsn {dsn}
+    </postgresql>
+  </relstorage>
+</zodb>
+
+{product_config}
+
+<eventlog>
+</eventlog>
+"""
+
 #: The principals of the test site: ``(id, title, login, password)``.
 PRINCIPALS = (
     ('zope.user', 'User', 'user', 'u'),
@@ -86,25 +109,29 @@ def site_zcml(body='', principals=PRINCIPALS):
 
 
 def write_zope_conf(path, site_zcml_path, zodb_path=None, zeo_address=None,
-                    product_config='', wait_timeout=30):
+                    product_config='', wait_timeout=30, relstorage_dsn=None):
     """Write a zope.conf for a worker to *path* and return *path*.
 
-    Give either *zodb_path* (a FileStorage file; only one process may open
-    it) or *zeo_address* (``(host, port)`` or ``'host:port'``).
+    Give one of *zodb_path* (a FileStorage file; only one process may open
+    it), *zeo_address* (``(host, port)`` or ``'host:port'``) or
+    *relstorage_dsn* (RelStorage on PostgreSQL).  *wait_timeout* is how
+    long ZEO waits for a connection, or RelStorage for its commit lock.
     """
-    if (zodb_path is None) == (zeo_address is None):
+    if [zodb_path, zeo_address, relstorage_dsn].count(None) != 2:
         raise ValueError('write_zope_conf: give either zodb_path or '
-                         'zeo_address')
+                         'zeo_address or relstorage_dsn')
+    common = dict(ftesting_path=site_zcml_path, product_config=product_config,
+                  wait_timeout=wait_timeout)
     if zeo_address is not None:
         if not isinstance(zeo_address, str):
             zeo_address = '{}:{}'.format(*zeo_address)
-        text = ZEO_ZOPE_CONF_TEMPLATE.format(
-            ftesting_path=site_zcml_path, zeo_address=zeo_address,
-            product_config=product_config, wait_timeout=wait_timeout)
+        text = ZEO_ZOPE_CONF_TEMPLATE.format(zeo_address=zeo_address,
+                                             **common)
+    elif relstorage_dsn is not None:
+        text = RELSTORAGE_ZOPE_CONF_TEMPLATE.format(dsn=relstorage_dsn,
+                                                    **common)
     else:
-        text = ZOPE_CONF_TEMPLATE.format(
-            ftesting_path=site_zcml_path, zodb_path=zodb_path,
-            product_config=product_config)
+        text = ZOPE_CONF_TEMPLATE.format(zodb_path=zodb_path, **common)
     with open(path, 'w') as f:
         f.write(text)
     return path

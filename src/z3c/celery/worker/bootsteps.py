@@ -176,6 +176,11 @@ class ZopeEnvironment(bootsteps.StartStopStep):
         self.opened = False
 
     def create(self, worker):
+        if self.prefork and zopeconf.loaded_options() is not None:
+            # Before the pool forks: the children (and the outbox relay in
+            # this process) would otherwise race to create an empty
+            # database's schema and root.
+            zopeconf.bootstrap_databases()
         return self
 
     def start(self, worker):

@@ -10,15 +10,20 @@ closes them.
 
 Opening is apart from loading because a prefork worker loads in the
 parent, before forking, but opens the databases in each child: a storage
-connection must not be shared across ``fork()``.
+connection must not be shared across ``fork()``.  `bootstrap_databases`
+gives an empty shared database (RelStorage, ZEO) its schema and root from
+one process before the others open it.
 """
 import contextlib
 import logging
 import os
+import random
 import sys
+import time
 
 import transaction
 import ZConfig
+import ZODB
 import ZODB.config
 import ZODB.interfaces
 import zope.app.appsetup.appsetup
@@ -49,6 +54,7 @@ class _State:
     options = None    # its parsed ZConfig options
     databases = None  # name -> DB, once opened in this process
     main = None       # the first of them
+    bootstrapped = False  # bootstrap_databases done (inherited by forks)
 
 
 _state = _State()
@@ -129,6 +135,7 @@ def open_databases(options=None):
             raise ZopeConfError('No zope.conf loaded in this process')
     if _state.databases is not None:
         return _state.main
+    bootstrap_databases(options)
     dbs, databases = zope.app.appsetup.appsetup.multi_database(
         options.databases)
     main = dbs[0]
@@ -152,6 +159,70 @@ def close_databases():
         gsm.unregisterUtility(db, ZODB.interfaces.IDatabase, name)
         with contextlib.suppress(Exception):
             db.close()
+
+
+#: Storages only one process opens (or each its own): nothing to race for.
+_PRIVATE_STORAGES = (ZODB.config.FileStorage, ZODB.config.MappingStorage,
+                     ZODB.config.DemoStorage)
+
+
+def bootstrap_databases(options=None, attempts=8, delay=0.2):
+    """Create what empty shared databases lack, before others open them.
+
+    Opening an empty RelStorage database creates its tables; opening any
+    empty database creates the ZODB root object; `ensure_root_folder`
+    adds the root folder.  Processes that do this at the same moment (the
+    pool processes of a prefork worker and its outbox relay, or workers
+    started together) fail but one: a unique violation in RelStorage's
+    schema, a ``ConflictError`` on oid 0.  A prefork worker calls this in
+    its main process before the pool forks, so that its children find
+    everything in place; here each database of *options* is opened,
+    completed and closed again.  A process that loses the race against
+    another worker waits a growing, jittered time (from *delay*, at most
+    2 s) and tries again, *attempts* times in all, then raises the last
+    error.  FileStorage and in-memory storages are skipped (only one
+    process opens them).  Once per process (a fork inherits it).
+    """
+    if options is None:
+        options = _state.options
+        if options is None:
+            raise ZopeConfError('No zope.conf loaded in this process')
+    if _state.bootstrapped:
+        return
+    for index, factory in enumerate(options.databases):
+        if isinstance(getattr(factory.config, 'storage', None),
+                      _PRIVATE_STORAGES):
+            continue
+        for attempt in range(1, attempts + 1):
+            try:
+                _bootstrap_one(factory, main=index == 0)
+                break
+            except Exception as e:
+                if attempt == attempts:
+                    raise
+                wait = min(2.0, delay * 2 ** (attempt - 1))
+                wait = wait / 2 + random.random() * wait / 2
+                log.warning(
+                    'Bootstrapping database %r: %s: %s (another process '
+                    'creating it at the same time?); trying again in '
+                    '%.2fs', factory.name, type(e).__name__, e, wait)
+                time.sleep(wait)
+    _state.bootstrapped = True
+
+
+def _bootstrap_one(factory, main):
+    storage = factory.config.storage.open()
+    try:
+        db = ZODB.DB(storage)   # creates the root object if missing
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.close()
+        raise
+    try:
+        if main:
+            ensure_root_folder(db)
+    finally:
+        db.close()
 
 
 def ensure_root_folder(db, attempts=5):
@@ -249,6 +320,7 @@ def unload():
     close_databases()
     _state.path = None
     _state.options = None
+    _state.bootstrapped = False
 
 
 zope.testing.cleanup.addCleanUp(unload)

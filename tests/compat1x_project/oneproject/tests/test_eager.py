@@ -1,10 +1,9 @@
 """Eager mode (``task_always_eager``) and calling tasks directly."""
 import pytest
 import transaction
+from oneproject import tasks
 
 import z3c.celery.celery
-
-from oneproject import tasks
 
 
 @pytest.fixture(autouse=True)

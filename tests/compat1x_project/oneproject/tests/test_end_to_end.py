@@ -2,12 +2,11 @@
 import pytest
 import transaction
 import zope.component
+from oneproject import tasks
 
 import z3c.celery.celery
 from z3c.celery.session import celery_session
 from z3c.celery.testing import open_zodb_copy
-
-from oneproject import tasks
 
 
 TIMEOUT = 60

@@ -2,19 +2,18 @@
 import tempfile
 import unittest
 
+import oneproject
 import plone.testing
 import plone.testing.zca
 import transaction
 import zope.authentication.interfaces
 import zope.component
+from oneproject import tasks
 
-import oneproject
 import z3c.celery.celery
 import z3c.celery.conftest
 import z3c.celery.layer
 from z3c.celery.testing import open_zodb_copy
-
-from oneproject import tasks
 
 
 ZCML_LAYER = plone.testing.zca.ZCMLSandbox(

@@ -3,12 +3,12 @@ import contextlib
 import os
 
 import celery
+import oneproject
 import plone.testing.zca
 import pytest
 import zope.app.appsetup.appsetup
 from zope.principalregistry.principalregistry import principalRegistry
 
-import oneproject
 import z3c.celery
 import z3c.celery.testing
 from z3c.celery.loader import ZopeLoader
