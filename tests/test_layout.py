@@ -22,7 +22,8 @@ SHARED = {'interfaces', 'exceptions', 'message', 'signing', 'database',
 ALLOWED = {
     'shared': set(),
     'sending': set(),
-    'worker': set(),
+    # A run queues its follow-ups through the sending side.
+    'worker': {'sending'},
     'outbox': {'sending', 'worker'},
     'app': {'sending', 'outbox', 'worker'},
     'zcml': {'app', 'package'},

@@ -17,6 +17,8 @@ import zope.component
 import zope.event
 import zope.interface
 import zope.security.management
+from celery.app.task import Context
+from celery.utils import uuid
 from zope.component.hooks import getSite
 from zope.component.hooks import setSite
 from zope.security.management import endInteraction
@@ -35,6 +37,7 @@ from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.message import TID_HEADER
 from z3c.celery.worker import components
+from z3c.celery.worker import follow_ups
 from z3c.celery.worker import markers
 from z3c.celery.worker.components import Participation
 from z3c.celery.worker.connection import abort as _abort
@@ -79,9 +82,25 @@ def run(task, args, kwargs):
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
     if request.called_directly:
-        return run_directly(task, args, kwargs)
-    outcome = Runner(task, args, kwargs, principal_id, request,
-                     settings).run()
+        window = follow_ups.current_window()
+        if window is None:
+            return run_directly(task, args, kwargs)
+        # Celery calls an errback ``(request, exc, traceback)`` of a failed
+        # task in the worker, after the run: it runs as a task of its own,
+        # here, as the failed task's principal.
+        request = Context(id=uuid(), is_eager=True, called_directly=False,
+                          retries=0, delivery_info={}, headers={})
+        settings = task.app.z3c_settings(*_SETTINGS)
+        return Runner(task, args, kwargs, window.principal_id, request,
+                      settings).run()
+    runner = Runner(task, args, kwargs, principal_id, request, settings)
+    try:
+        outcome = runner.run()
+    finally:
+        # What Celery sends from now on (a chord's callback, errbacks)
+        # goes in a transaction of its own, as the task's principal.
+        follow_ups.open_window(task, request, runner.principal,
+                               principal_id)
     if outcome.__class__ is _Retrying:
         # Raised here rather than deep in the runner: Celery copies and
         # formats every frame of a retry's traceback (for its RETRY
@@ -121,6 +140,9 @@ class _Retrying:
 class Runner:
     """One execution of one task message."""
 
+    #: The principal the task runs as, once resolved.
+    principal = None
+
     def __init__(self, task, args, kwargs, principal_id, request, settings):
         self.task = task
         self.args = args
@@ -134,7 +156,8 @@ class Runner:
     def run(self):
         task = self.task
         resolver = lookup(IPrincipalResolver, self.name)
-        principal = resolver.resolve(task, self.principal_id)
+        principal = self.principal = resolver.resolve(
+            task, self.principal_id)
         db = database.get_database(self.database_name)
         seat = None
         if db is None:
@@ -194,7 +217,11 @@ class Runner:
                 return self._attempt(manager, connection)
             except AlreadyDone as done:
                 _abort(manager)
+                # Its follow-ups left with the run that committed.
+                follow_ups.sent(self.request)
                 return markers.skip(self.task, done)
+            except celery.exceptions.Ignore:
+                raise       # committed, see _attempt
             except Exception as error:
                 _abort(manager)
                 if policy is None:
@@ -252,7 +279,17 @@ class Runner:
             txn.setExtendedInfo('task_id', self.request.id)
         mark = self._done_marker(connection)
         self._notify(events.TaskStarted)
-        result = self.task.run(*self.args, **self.kwargs)
+        ignore = None
+        try:
+            result = self.task.run(*self.args, **self.kwargs)
+        except celery.exceptions.Ignore as error:
+            # The run is done and wants no state stored: Task.replace()
+            # raises it after queueing the task that replaces this one,
+            # which must leave.  So the transaction commits.
+            ignore, result = error, None
+        else:
+            if follow_ups.pending(self.request):
+                follow_ups.queue(self.task, self.request, result)
         if mark is not None:
             markers.mark_at_commit(txn, connection, self.request.id,
                                    self.retention, shared=mark)
@@ -269,6 +306,9 @@ class Runner:
                 manager.commit()
             finally:
                 connection.explicit_transactions = False
+        if ignore is not None:
+            raise ignore
+        follow_ups.sent(self.request)
         self._notify(events.TaskSucceeded, result=result)
         return result
 
