@@ -130,6 +130,7 @@ def apply_in_process(task, args, kwargs, message):
         'chord': options.get('chord'),
         'group_id': options.get('group_id'),
         'group_index': options.get('group_index'),
+        'replaced_task_nesting': options.get('replaced_task_nesting', 0),
         'headers': options.get('headers'),
         'ignore_result': options.get('ignore_result', task.ignore_result),
         'delivery_info': {'is_eager': True,

@@ -217,6 +217,7 @@ class Runner:
                 return self._attempt(manager, connection)
             except AlreadyDone as done:
                 _abort(manager)
+                done.task_id = self.request.id
                 # Its follow-ups left with the run that committed.
                 follow_ups.sent(self.request)
                 return markers.skip(self.task, done)
@@ -291,7 +292,7 @@ class Runner:
             if follow_ups.pending(self.request):
                 follow_ups.queue(self.task, self.request, result)
         if mark is not None:
-            markers.mark_at_commit(txn, connection, self.request.id,
+            markers.mark_at_commit(txn, connection, self._marker_id(),
                                    self.retention, shared=mark)
         if connection is None:
             manager.commit()
@@ -332,11 +333,20 @@ class Runner:
         # A retry of this run is flagged alike (see the task's retry).
         self.request.z3c_repeated = repeated
         if repeated:
-            when = markers.done_at(connection, self.request.id,
+            when = markers.done_at(connection, self._marker_id(),
                                    self.retention)
             if when is not None:
                 raise AlreadyDone(self.name, self.request.id, when)
         return repeated
+
+    def _marker_id(self):
+        """The done-marker's key: the task id, and for a task that
+        replaces another (``Task.replace``: it keeps the id) how many
+        replacements deep it is."""
+        nesting = getattr(self.request, 'replaced_task_nesting', 0)
+        if nesting:
+            return f'{self.request.id}/replaced/{nesting}'
+        return self.request.id
 
     def _after_abort(self, manager, policy, error):
         handler = lookup(IAfterAbortHandler, self.name)
