@@ -13,14 +13,8 @@ import celery
 import celery.states
 import pytest
 import transaction
-import zope.component.testing
-import zope.security.management
-from zope.configuration import xmlconfig
 
-from z3c.celery import database
 from z3c.celery.outbox import store
-from z3c.celery.testing import get_principal
-from z3c.celery.testing import login_principal
 
 from tests import workers
 from tests.site import canvas
@@ -51,14 +45,8 @@ def setup(request, tmp_path_factory, redis, zeo, zodb):
 def client(setup, zodb):
     """This process as a web process of the site, logged in as Alice."""
     site, worker, _ = setup
-    zope.component.testing.setUp()
-    xmlconfig.file(site.site_zcml)
-    database.set_database(zodb)
-    login_principal(get_principal('zope.alice'))
-    yield worker
-    transaction.abort()
-    zope.security.management.endInteraction()
-    zope.component.testing.tearDown()
+    with workers.web_process(site, zodb):
+        yield worker
 
 
 def tag(way):
