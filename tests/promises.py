@@ -11,7 +11,6 @@ import contextlib
 
 import pytest
 import transaction
-import zope.component
 
 from tests import workers
 from tests.test_worker import client  # noqa: F401 (fixture)

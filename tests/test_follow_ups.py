@@ -23,6 +23,8 @@ from z3c.celery.testing import queued_tasks
 
 from .conftest import read_data
 from tests import tasks
+from tests import workers
+from tests.site import canvas
 
 
 TASKS = '''
@@ -252,3 +254,55 @@ def test_an_aborted_transaction_says_what_it_dropped(inline, caplog):
         transaction.abort()
     assert f't.add[{result.id}]' in caplog.text
     assert 'dropped, not sent' in caplog.text
+
+
+# The inline mode's share of the matrix of test_canvas_worker.py
+
+
+@pytest.fixture
+def inline_site(load_zcml, db, login, redis_db):
+    """Inline mode, the test site's tasks, a Redis result backend (a
+    chord needs one)."""
+    load_zcml(f'''
+      <celery:config dispatch="inline" broker_url="{redis_db}"
+                     result_backend="{redis_db}" />
+      <include file="{workers.SITE_DIR}/tasks.zcml" />''')
+    login('zope.alice')
+    return db
+
+
+@pytest.mark.parametrize('way', sorted(canvas.WAYS))
+@pytest.mark.parametrize('end', ['commit', 'abort', 'savepoint rollback'])
+def test_each_way_in_inline_mode(inline_site, way, end):
+    savepoint = transaction.savepoint()
+    expected = canvas.WAYS[way](f'{way}-inline')
+    if end == 'abort':
+        transaction.abort()
+    elif end == 'savepoint rollback':
+        savepoint.rollback()
+        transaction.commit()
+    else:
+        transaction.commit()
+    data = read_data(inline_site)
+    ran = {tag: data[tag] for tag in expected if tag in data}
+    if end != 'commit':
+        assert ran == {}
+        return
+    assert ran == {tag: (1, 'zope.alice', value)
+                   for tag, value in expected.items()}
+
+
+@pytest.mark.parametrize('way', sorted(canvas.WAYS))
+def test_each_way_inside_a_task_retried_for_a_conflict_inline(
+        inline_site, way):
+    tag = f'{way}-inside'
+    savepoint = transaction.savepoint()
+    expected = canvas.WAYS[way](tag)
+    savepoint.rollback()
+    result = canvas.task('c.send_inside').delay(way, tag, conflicts=1,
+                                                _principal_id_='zope.bob')
+    transaction.commit()
+    assert result.get() == way
+    data = read_data(inline_site)
+    assert {t: data.get(t, (None,))[:2] for t in expected} == {
+        t: (1, 'zope.bob') for t in expected}

@@ -16,7 +16,6 @@ import kombu.exceptions
 import kombu.serialization
 import zope.component
 import zope.interface
-import zope.security.management
 from celery.utils import uuid
 
 from z3c.celery import settings
@@ -32,6 +31,7 @@ from z3c.celery.sending import dispatchers
 from z3c.celery.sending import queue
 from z3c.celery.sending.result import QueuedResult
 from z3c.celery.worker import runner
+from z3c.celery.worker.components import current_principal_id
 
 
 log = logging.getLogger(__name__)
@@ -253,18 +253,6 @@ class ZopeLoader(celery.loaders.app.AppLoader):
             from z3c.celery.worker import bootsteps
             self._z3c_loaded = False
             bootsteps.zopeconf.unload()
-
-
-def current_principal_id():
-    """The id of the principal of the current interaction, or ``None``."""
-    interaction = zope.security.management.queryInteraction()
-    if interaction is None:
-        return None
-    for participation in interaction.participations:
-        principal = getattr(participation, 'principal', None)
-        if principal is not None:
-            return principal.id
-    return None
 
 
 @zope.interface.implementer(ITask)

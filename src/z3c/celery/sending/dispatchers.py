@@ -128,7 +128,7 @@ def apply_in_process(task, args, kwargs, message):
         'errbacks': maybe_list(options.get('link_error')),
         'chain': options.get('chain'),
         'chord': options.get('chord'),
-        'group_id': options.get('group_id'),
+        'group': options.get('group_id'),
         'group_index': options.get('group_index'),
         'replaced_task_nesting': options.get('replaced_task_nesting', 0),
         'headers': options.get('headers'),

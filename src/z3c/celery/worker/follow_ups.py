@@ -18,6 +18,8 @@ import celery.signals
 import transaction
 import transaction.interfaces
 import zope.security.management
+import zope.testing.cleanup
+from celery._state import get_current_task
 from celery.canvas import group
 from celery.canvas import signature
 from zope.security.management import endInteraction
@@ -165,8 +167,21 @@ def current_window():
 
 
 def open_window(task, request, principal, principal_id):
-    """Begin the window of the run of *request* (see `Window`)."""
-    _windows.open.append(Window(task, request, principal, principal_id))
+    """Begin the window of the run of *request* (see `Window`).
+
+    Only in Celery's tracer, which ends it at ``task_postrun``: not for a
+    run called otherwise (tests call the runner by hand).
+    """
+    if get_current_task() is task:
+        _windows.open.append(Window(task, request, principal, principal_id))
+
+
+def _forget_windows():
+    while _windows.open:
+        _windows.open.pop().close()
+
+
+zope.testing.cleanup.addCleanUp(_forget_windows)
 
 
 @celery.signals.task_postrun.connect(weak=False)

@@ -40,6 +40,7 @@ from z3c.celery.worker import components
 from z3c.celery.worker import follow_ups
 from z3c.celery.worker import markers
 from z3c.celery.worker.components import Participation
+from z3c.celery.worker.components import current_principal_id
 from z3c.celery.worker.connection import abort as _abort
 from z3c.celery.worker.connection import catch_up
 from z3c.celery.worker.connection import close as _close
@@ -78,6 +79,10 @@ def run(task, args, kwargs):
             # nothing.  (In-process runs did not travel through a broker.)
             signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
+    if principal_id is None and request.is_eager:
+        # Run in-process by a running task (Task.replace, an errback
+        # after a failure): as its principal.
+        principal_id = current_principal_id()
     # 1.x messages still in a queue after the upgrade carry these too.
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
@@ -247,6 +252,7 @@ class Runner:
                     # In-process: run again at once, like a worker would
                     # after the countdown, without anybody sleeping.
                     retries += 1
+                    self.request.retries = retries
                     continue
                 return _Retrying(self._retry(countdown, error))
 
