@@ -112,3 +112,16 @@ def add_after_conflicts(x, y, times):
         _conflicts[key] = seen + 1
         raise ConflictError(f'simulated conflict {seen + 1}')
     return add(x, y)
+
+
+_attempts = {}
+
+
+def queue_then_conflict(x, times):
+    """Queue ``t.add(x, times)``, then conflict *times* times (per x)."""
+    from z3c.celery.interfaces import ITask
+    zope.component.getUtility(ITask, 't.add').delay(x, times)
+    seen = _attempts[x] = _attempts.get(x, 0) + 1
+    if seen <= times:
+        raise ConflictError(f'simulated conflict {seen}')
+    data()[f'queued-{x}'] = seen

@@ -7,6 +7,7 @@ the worker, forged messages are refused.
 """
 import base64
 import json
+import re
 import time
 import uuid
 
@@ -107,6 +108,25 @@ def test_conflict_is_retried_through_the_broker_as_the_same_principal(
     worker.wait_for_log(
         rf'EVENT TaskRetried w\.conflict_once\[{result.id}\] '
         rf'principal=zope\.bob')
+
+
+def test_a_conflict_is_retried_at_once_in_the_pool_process(
+        client, zodb, worker):
+    """By default a conflict runs the task again in the same process, at
+    once: no second message, the same principal, the retry counted."""
+    result = task('w.conflict_once_here').delay(
+        'c2', _principal_id_='zope.bob')
+    transaction.commit()
+    assert workers.result_of(result, 30) == 1
+    assert workers.read_data(zodb)['c2'] == ('zope.bob', 1)
+    worker.wait_for_log(
+        rf'w\.conflict_once_here\[{result.id}\] hit a conflict .*; '
+        rf'attempt 2 at once, in this process')
+    worker.wait_for_log(
+        rf'EVENT TaskRetried w\.conflict_once_here\[{result.id}\] '
+        rf'principal=zope\.bob')
+    assert len(re.findall(rf'w\.conflict_once_here\[{result.id}\] '
+                          rf'received', worker.log())) == 1
 
 
 def test_a_task_asking_for_a_retry_is_run_again(client, zodb, worker):

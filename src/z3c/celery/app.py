@@ -276,6 +276,11 @@ class TransactionAwareTask(celery.Task):
     #: Conflicts are expected under load; the conflict policy retries up
     #: to this many times (``None``: no limit).
     max_retries = 10
+    #: Retries of a conflict run again at once in the process, this many
+    #: per delivery, before the broker (``None``: the site's setting).
+    conflict_in_process = None
+    #: Backoff base of the broker retries (``None``: the site's setting).
+    conflict_backoff_base = None
 
     def apply_async(self, args=None, kwargs=None, task_id=None,
                     producer=None, link=None, link_error=None, shadow=None,

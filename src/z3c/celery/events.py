@@ -121,7 +121,10 @@ class TaskStarted(_TaskEvent):
 
 @zope.interface.implementer(interfaces.ITaskRetriedEvent)
 class TaskRetried(_TaskEvent):
-    """See `ITaskRetriedEvent`; ``info`` has ``error`` and ``countdown``."""
+    """See `ITaskRetriedEvent`; ``info`` has ``error``, ``countdown``,
+    ``retries`` (made before), ``attempt`` (the number of the attempt to
+    come, the first run being 1) and ``in_process`` (it runs again at
+    once in this process, not through the broker)."""
 
 
 @zope.interface.implementer(interfaces.ITaskSucceededEvent)

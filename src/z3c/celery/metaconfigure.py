@@ -46,7 +46,8 @@ _COMPONENTS = (
 
 _TASK_OPTIONS = ('bind', 'queue', 'max_retries', 'rate_limit',
                  'ignore_result', 'time_limit', 'soft_time_limit',
-                 'serializer', 'acks_late')
+                 'serializer', 'acks_late', 'conflict_in_process',
+                 'conflict_backoff_base')
 
 
 def task(_context, name, handler, **options):

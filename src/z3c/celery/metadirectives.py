@@ -124,6 +124,15 @@ class ICeleryConfigBase(zope.interface.Interface):
                     'not count as an attempt.  Default: 10.',
         required=False, min=1)
 
+    conflict_in_process = zope.schema.Int(
+        title='Conflict attempts in the process',
+        description='After a write conflict the task runs again at once, '
+                    'in the same process, this many times per delivery '
+                    '(as Zope\'s publisher retries a request); then it '
+                    'goes back to the broker with a countdown.  Default: '
+                    '3.',
+        required=False, min=0)
+
     conflict_backoff_base = zope.schema.Float(
         title='Conflict retry backoff base',
         description='Seconds; the n-th retry after a write conflict waits '
@@ -252,6 +261,18 @@ class ITaskDirective(zope.interface.Interface):
         title='Late acknowledgement',
         description='Default: true (see "Effectively once").',
         required=False)
+
+    conflict_in_process = zope.schema.Int(
+        title='Conflict attempts in the process',
+        description='This task\'s ``conflict_in_process`` (see '
+                    '``<celery:config>``).',
+        required=False, min=0)
+
+    conflict_backoff_base = zope.schema.Float(
+        title='Conflict retry backoff base',
+        description='This task\'s ``conflict_backoff_base`` (see '
+                    '``<celery:config>``).',
+        required=False, min=0.0)
 
     conflict_policy = zope.configuration.fields.GlobalObject(
         title='Conflict policy factory',

@@ -85,18 +85,32 @@ def login_principal(principal, task_name=None):
 
 @zope.interface.implementer(IConflictPolicy)
 class BackoffConflictPolicy:
-    """Retry conflicts with exponential backoff and ("equal") jitter.
+    """Retry conflicts at once in the process, then with backoff.
 
-    The n-th retry waits a random time between half and all of
-    ``min(cap, base * 2**n)``; ``base`` and ``cap`` are the settings
-    ``conflict_backoff_base`` and ``conflict_backoff_cap``.  The limit is
+    The first ``conflict_in_process`` retries of each delivery run again
+    at once in the worker's process; after them the task goes back to
+    the broker, and the n-th retry waits a random time between half and
+    all of ``min(cap, base * 2**n)``; ``base`` and ``cap`` are the
+    settings ``conflict_backoff_base`` and ``conflict_backoff_cap``.  A
+    task's own ``conflict_in_process`` and ``conflict_backoff_base``
+    (``<celery:task>``) win over the site's.  The limit of all retries is
     the task's ``max_retries`` (``None``: no limit).
     """
 
-    def __init__(self, base=None, cap=None, random=random.random):
+    def __init__(self, base=None, cap=None, random=random.random,
+                 in_process=None):
         self.base = base
         self.cap = cap
         self.random = random
+        self.immediate = in_process
+
+    def in_process(self, task, error, attempts):
+        limit = self.immediate
+        if limit is None:
+            limit = getattr(task, 'conflict_in_process', None)
+        if limit is None:
+            limit = task.app.z3c_setting('conflict_in_process')
+        return attempts < int(limit)
 
     def is_conflict(self, error):
         return isinstance(error, CONFLICT_ERRORS)
@@ -106,8 +120,11 @@ class BackoffConflictPolicy:
         if limit is not None and retries >= limit:
             return None
         app = task.app
-        base = self.base if self.base is not None else float(
-            app.z3c_setting('conflict_backoff_base'))
+        base = self.base
+        if base is None:
+            base = getattr(task, 'conflict_backoff_base', None)
+        if base is None:
+            base = float(app.z3c_setting('conflict_backoff_base'))
         cap = self.cap if self.cap is not None else float(
             app.z3c_setting('conflict_backoff_cap'))
         ceiling = min(cap, base * 2 ** retries)

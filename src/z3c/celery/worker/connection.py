@@ -173,3 +173,21 @@ def abort(manager):
         log.exception('Aborting the transaction failed')
 
 
+def sync_with_storage(db):
+    """Let *db*'s next transaction see every commit the storage knows of.
+
+    Before a task runs again after a conflict: ZEO tells its clients of
+    other clients' commits apart from its answers, so the news of the
+    commit that conflicted may still be on its way, and the attempt
+    would read the stale state and conflict again.  One round trip to the
+    server (``ping``) makes the client wait for what was sent before.
+    Other storages (FileStorage, RelStorage, which polls at every
+    transaction start) need nothing.
+    """
+    ping = getattr(db.storage, 'ping', None)
+    if ping is None:
+        return
+    try:
+        ping()
+    except Exception:
+        log.debug('Could not ping the storage of %r', db, exc_info=True)

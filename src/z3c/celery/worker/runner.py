@@ -46,6 +46,7 @@ from z3c.celery.worker.connection import catch_up
 from z3c.celery.worker.connection import close as _close
 from z3c.celery.worker.connection import idle as _idle
 from z3c.celery.worker.connection import raise_known_conflict
+from z3c.celery.worker.connection import sync_with_storage
 from z3c.celery.worker.connection import thread_seat
 
 
@@ -217,6 +218,7 @@ class Runner:
     def _attempts(self, manager, connection):
         policy = None     # looked up when needed: most runs never need it
         retries = self.request.retries or 0
+        in_process = 0    # attempts run again here, in this delivery
         while True:
             try:
                 return self._attempt(manager, connection)
@@ -240,20 +242,33 @@ class Runner:
                     raise
                 countdown = policy.countdown(self.task, error, retries)
                 if countdown is None:
-                    self._notify(events.TaskFailed, error=error)
-                    raise ConflictRetriesExceeded(
-                        self.name, retries, error) from error
+                    exceeded = ConflictRetriesExceeded(
+                        self.name, retries, error)
+                    self._after_abort(manager, policy, exceeded)
+                    self._notify(events.TaskFailed, error=exceeded)
+                    raise exceeded from error
+                # In-process runs (inline, eager) always run again here,
+                # as a worker would after the countdown.
+                again = self.request.is_eager or getattr(
+                    policy, 'in_process', _never)(self.task, error,
+                                                  in_process)
                 self._notify(events.TaskRetried, error=error,
-                             countdown=countdown, retries=retries)
+                             countdown=0.0 if again else countdown,
+                             retries=retries, attempt=retries + 2,
+                             in_process=bool(again))
+                if again:
+                    log.info('Task %s[%s] hit a conflict (%s); attempt %d '
+                             'at once, in this process', self.name,
+                             self.request.id, error, retries + 2)
+                    retries += 1
+                    in_process += 1
+                    self.request.retries = retries
+                    if connection is not None:
+                        sync_with_storage(connection.db())
+                    continue
                 log.info('Task %s[%s] hit a conflict (%s); retry %d in '
                          '%.2fs', self.name, self.request.id, error,
                          retries + 1, countdown)
-                if self.request.is_eager:
-                    # In-process: run again at once, like a worker would
-                    # after the countdown, without anybody sleeping.
-                    retries += 1
-                    self.request.retries = retries
-                    continue
                 return _Retrying(self._retry(countdown, error))
 
     def _retry(self, countdown, error):
@@ -372,6 +387,10 @@ class Runner:
         if listened(event_class):
             zope.event.notify(event_class(self.name, self.request.id,
                                           self.principal_id, **info))
+
+
+def _never(task, error, attempts):
+    return False
 
 
 def _is_connection_error(app, error):
