@@ -5,6 +5,7 @@ import time
 
 import transaction
 import zope.component.hooks
+import zope.security.management
 from ZODB.POSException import ConflictError
 
 from tests.tasks import data
@@ -89,3 +90,13 @@ def log_event(event):
     """Subscriber: the z3c.celery events show in the worker log."""
     log.warning('EVENT %s %s[%s] principal=%s', type(event).__name__,
                 event.task_name, event.task_id, event.principal_id)
+
+
+def tick(key):
+    """A periodic task: append who it runs as (or None) at *key*."""
+    interaction = zope.security.management.queryInteraction()
+    who = interaction.participations[0].principal.id \
+        if interaction is not None and interaction.participations else None
+    d = data()
+    d[key] = d.get(key, ()) + (who,)
+    return who
