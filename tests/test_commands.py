@@ -76,6 +76,11 @@ def test_inspect_and_call_with_the_option_and_the_environment_variable(
         assert pinged.returncode == 0, pinged.stderr + pinged.stdout
         assert worker.name in pinged.stdout and 'pong' in pinged.stdout
 
+        status = celery('status', '--zope-conf', site.zope_conf,
+                        '--timeout', '5')
+        assert status.returncode == 0, status.stderr + status.stdout
+        assert '1 node online' in status.stdout, status.stdout
+
         by_env = celery('inspect', 'ping', '--timeout', '5',
                         env={ENV: site.zope_conf})
         assert by_env.returncode == 0, by_env.stderr + by_env.stdout

@@ -306,6 +306,8 @@ def test_schedule_entries_are_forgotten_by_cleanup(load_zcml):
     ('seconds="0"', 'seconds must be more than 0'),
     ('seconds="-2.5"', 'seconds must be more than 0'),
     ('seconds="soon"', 'seconds'),
+    ('seconds="1e400"', 'seconds must be more than 0 (and finite)'),
+    ('seconds="nan"', 'seconds must be more than 0'),
     ('crontab="61 * * * *"', "crontab '61 * * * *' is not valid"),
     ('crontab="* * * *"', 'must have five fields'),
     ('crontab="* * * * someday"', 'is not valid'),

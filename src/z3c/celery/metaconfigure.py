@@ -5,6 +5,7 @@ They validate and record actions; nothing touches the component registry
 or the Celery app until the configuration machine executes the actions.
 """
 import datetime
+import math
 
 import celery.schedules
 import zope.component.zcml
@@ -146,10 +147,10 @@ def schedule(_context, name, task, seconds=None, crontab=None, args=None,
             f'({"both were" if seconds is not None else "neither was"} '
             f'given)')
     if seconds is not None:
-        if not seconds > 0:
+        if not (seconds > 0 and math.isfinite(seconds)):
             raise ConfigurationError(
-                f'Schedule entry {name!r}: seconds must be more than 0, '
-                f'not {seconds!r}')
+                f'Schedule entry {name!r}: seconds must be more than 0 '
+                f'(and finite), not {seconds!r}')
         when = celery.schedules.schedule(datetime.timedelta(seconds=seconds))
     else:
         when = parse_crontab(name, crontab)
