@@ -18,6 +18,7 @@ from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.interfaces import ITask
+from z3c.celery.message import PRINCIPAL_KEY
 
 
 def config(_context, file=None, module=None, **settings):
@@ -133,11 +134,6 @@ def _forget_zcml_tasks():
 zope.testing.cleanup.addCleanUp(_forget_zcml_tasks)
 
 
-#: The schedule option that names the principal of a tick (as in
-#: ``apply_async(..., _principal_id_=...)``).
-PRINCIPAL_OPTION = '_principal_id_'
-
-
 def schedule(_context, name, task, seconds=None, crontab=None, args=None,
              kwargs=None, principal=None, queue=None, options=None):
     """``<celery:schedule>``: see `IScheduleDirective`."""
@@ -169,7 +165,7 @@ def schedule(_context, name, task, seconds=None, crontab=None, args=None,
     if queue is not None:
         entry_options['queue'] = queue
     if principal is not None:
-        entry_options[PRINCIPAL_OPTION] = principal
+        entry_options[PRINCIPAL_KEY] = principal
     entry = {'task': task, 'schedule': when, 'args': tuple(args or ()),
              'kwargs': dict(kwargs or {}), 'options': entry_options}
     # After <celery:config> (order 0), whose beat_schedule it extends.

@@ -6,9 +6,10 @@ commits nothing.  When beat starts (``beat_init``), its scheduler, whichever
 it is, gets `TransactionalTicks`' behaviour (`make_transactional`): each
 tick runs in a transaction of its own, which is committed, so the tick
 leaves through the app's dispatcher like any other task.  `ZopeScheduler`
-is Celery's default scheduler with it built in.  A tick runs as the principal its entry
-names (``_principal_id_`` in its options; ``principal`` of
-``<celery:schedule>``), else as the site's unauthenticated principal.
+is Celery's default scheduler with it built in.  A tick runs as the
+principal its entry names (``_principal_id_`` in its options;
+``principal`` of ``<celery:schedule>``), else as the site's
+unauthenticated principal.
 See docs/worker.rst ("Periodic tasks").
 """
 import logging
@@ -20,13 +21,11 @@ import zope.authentication.interfaces
 import zope.component
 
 from z3c.celery import database
+from z3c.celery.message import PRINCIPAL_KEY
 from z3c.celery.worker import zopeconf
 
 
 log = logging.getLogger(__name__)
-
-#: The option of a schedule entry that names the principal of its ticks.
-PRINCIPAL_OPTION = '_principal_id_'
 
 def default_principal_id():
     """The id of the site's unauthenticated principal, or ``None``."""
@@ -60,7 +59,7 @@ def check_principals(schedule):
     if default_principal_id() is not None:
         return
     for name, entry in sorted(schedule.items()):
-        if entry.options.get(PRINCIPAL_OPTION) is None:
+        if entry.options.get(PRINCIPAL_KEY) is None:
             log.warning(
                 'beat: the ticks of schedule entry %r (task %s) run with no '
                 'principal: the entry names none and the site has no '
@@ -68,13 +67,13 @@ def check_principals(schedule):
                 'utility)', name, entry.task)
 
 
-def apply_in_transaction(scheduler, apply_async, entry, producer=None,
-                         advance=True, **kwargs):
+def apply_in_transaction(apply_async, entry, producer=None, advance=True,
+                         **kwargs):
     """Apply *entry* with *apply_async* in a transaction of its own, as
     the entry's principal, and commit it: the tick leaves at commit."""
-    if PRINCIPAL_OPTION not in entry.options:
+    if PRINCIPAL_KEY not in entry.options:
         entry = entry.__class__(**dict(entry, options=dict(
-            entry.options, **{PRINCIPAL_OPTION: default_principal_id()})))
+            entry.options, **{PRINCIPAL_KEY: default_principal_id()})))
     manager = transaction.manager
     manager.begin()
     result = None
@@ -104,9 +103,9 @@ def _task_id(result):
 def send_task(app, name, args=None, kwargs=None, **options):
     """Send a task this process does not know by name, with the principal
     in its keyword arguments (where the worker looks for it)."""
-    principal_id = options.pop(PRINCIPAL_OPTION, None)
+    principal_id = options.pop(PRINCIPAL_KEY, None)
     if principal_id is not None:
-        kwargs = dict(kwargs or {}, **{PRINCIPAL_OPTION: principal_id})
+        kwargs = dict(kwargs or {}, **{PRINCIPAL_KEY: principal_id})
     return app.send_task(name, args, kwargs, **options)
 
 
@@ -121,7 +120,7 @@ class TransactionalTicks:
 
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
         return apply_in_transaction(
-            self, super().apply_async, entry, producer, advance, **kwargs)
+            super().apply_async, entry, producer, advance, **kwargs)
 
     def send_task(self, name, args=None, kwargs=None, **options):
         return send_task(self.app, name, args, kwargs, **options)
@@ -142,8 +141,8 @@ def make_transactional(scheduler):
 
     def transactional_apply_async(self, entry, producer=None, advance=True,
                                   **kwargs):
-        return apply_in_transaction(self, apply_async, entry, producer,
-                                    advance, **kwargs)
+        return apply_in_transaction(apply_async, entry, producer, advance,
+                                    **kwargs)
 
     def principal_send_task(self, name, args=None, kwargs=None, **options):
         return send_task(self.app, name, args, kwargs, **options)
