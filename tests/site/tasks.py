@@ -5,6 +5,7 @@ import time
 
 import transaction
 import zope.component.hooks
+import zope.security.management
 from ZODB.POSException import ConflictError
 
 from tests.tasks import data
@@ -161,3 +162,13 @@ def send_inside(self, way, tag, conflicts=0, fail=False):
     if fail:
         raise ValueError(f'{tag}: failed after sending')
     return way
+
+
+def tick(key):
+    """A periodic task: append who it runs as (or None) at *key*."""
+    interaction = zope.security.management.queryInteraction()
+    who = interaction.participations[0].principal.id \
+        if interaction is not None and interaction.participations else None
+    d = data()
+    d[key] = d.get(key, ()) + (who,)
+    return who
