@@ -58,24 +58,33 @@ def retried():
     zope.event.subscribers.remove(record)
 
 
-def run_in_worker(name, *args, retries=0):
+def run_in_worker(name, *args, retries=0, **headers):
     """Run task *name* as a worker's pool process does; its request."""
     task = z3c.celery.CELERY.tasks[name]
     task_id = uuid()
     task.push_request(id=task_id, called_directly=False, is_eager=False,
-                      retries=retries, delivery_info={'redelivered': False})
+                      retries=retries, delivery_info={'redelivered': False},
+                      headers=headers or None, **headers)
     try:
         return task(*args, _principal_id_='zope.bob'), task.request
     finally:
         task.pop_request()
 
 
+class _Asked(list):
+    def __init__(self):
+        super().__init__()
+        self.headers = []
+
+
 def sent_retries(monkeypatch):
     """The broker retries the runner asks Celery for (not sent)."""
-    asked = []
+    asked = _Asked()
+    headers = asked.headers
 
     def retry(self, countdown=None, exc=None, throw=True, **kw):
         asked.append((countdown, self.request.retries))
+        headers.append(kw.get('headers'))
         return celery.exceptions.Retry(exc=exc, when=countdown)
     monkeypatch.setattr(type(z3c.celery.CELERY.tasks['t.conflict']),
                         'retry', retry)
@@ -105,6 +114,18 @@ def test_then_the_task_goes_back_to_the_broker_with_a_countdown(
     [(countdown, retries)] = broker
     assert countdown > 0 and retries == 3
     assert [e.info['in_process'] for e in retried] == [True] * 3 + [False]
+
+
+def test_the_countdown_grows_with_the_trips_to_the_broker_only(
+        site, monkeypatch):
+    site(task='conflict_backoff_base="1"')
+    broker = sent_retries(monkeypatch)
+    with pytest.raises(celery.exceptions.Retry):
+        run_in_worker('t.conflict', 'k', 9, z3c_broker_retries=3)
+    [(countdown, retries)] = broker
+    # 3 attempts in the process before: they do not make it longer.
+    assert 4 <= countdown <= 8 and retries == 3
+    assert broker.headers[0]['z3c_broker_retries'] == 4
 
 
 def test_the_next_delivery_has_attempts_in_the_process_again(

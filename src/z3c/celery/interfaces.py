@@ -80,20 +80,21 @@ class IConflictPolicy(zope.interface.Interface):
     def countdown(task, error, retries):
         """Return the seconds to wait before the next attempt, or ``None``.
 
-        *retries* is the number of retries already made, in the process
-        and through the broker (0 on the first failure).  ``None`` means
-        give up: the runner then fails the task with
+        Asked when `in_process` said no.  *retries* is the number of
+        times a conflict sent the task back to the broker so far (0 the
+        first time; the retries in the process do not count here: the
+        runner bounds all retries by the task's ``max_retries`` itself).
+        ``None`` means give up: the runner then fails the task with
         :class:`ConflictRetriesExceeded`.  The worker does not sleep: the
-        message goes back to the broker with this countdown, unless
-        `in_process` says to run again at once.
+        message goes back to the broker with this countdown.
         """
 
     def in_process(task, error, attempts):
         """Return true to run the task again at once, in this process.
 
-        Asked after `countdown` allowed another attempt.  *attempts* is
-        how many times this delivery of the message ran again in the
-        process so far.  The runner aborts, begins a new transaction
+        Asked while the task's ``max_retries`` allows another retry.
+        *attempts* is how many times this delivery of the message ran
+        again in the process so far.  The runner aborts, begins a new transaction
         (which sees the other transactions' changes) and runs the task
         again, without sleeping and without a broker round trip, as
         Zope's publisher retries a request.  False sends the task back to

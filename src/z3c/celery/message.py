@@ -21,6 +21,11 @@ TID_HEADER = 'z3c_tid'
 #: everywhere.
 RESENT_HEADER = 'z3c_resent'
 
+#: Header: how many times a conflict sent the task back to the broker
+#: (the exponent of the next countdown; retries in the process do not
+#: count here).
+BROKER_RETRIES_HEADER = 'z3c_broker_retries'
+
 #: Header: the HMAC signature of the message (see `z3c.celery.signing`).
 SIGNATURE_HEADER = 'z3c_signature'
 

@@ -89,8 +89,8 @@ class BackoffConflictPolicy:
 
     The first ``conflict_in_process`` retries of each delivery run again
     at once in the worker's process; after them the task goes back to
-    the broker, and the n-th retry waits a random time between half and
-    all of ``min(cap, base * 2**n)``; ``base`` and ``cap`` are the
+    the broker, and its n-th trip there waits a random time between half
+    and all of ``min(cap, base * 2**n)``; ``base`` and ``cap`` are the
     settings ``conflict_backoff_base`` and ``conflict_backoff_cap``.  A
     task's own ``conflict_in_process`` and ``conflict_backoff_base``
     (``<celery:task>``) win over the site's.  The limit of all retries is

@@ -35,6 +35,7 @@ from z3c.celery.exceptions import HandleAfterAbort
 from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
+from z3c.celery.message import BROKER_RETRIES_HEADER
 from z3c.celery.message import TID_HEADER
 from z3c.celery.worker import components
 from z3c.celery.worker import follow_ups
@@ -240,22 +241,28 @@ class Runner:
                         return error.message
                     self._notify(events.TaskFailed, error=error)
                     raise
-                countdown = policy.countdown(self.task, error, retries)
-                if countdown is None:
+                # max_retries bounds all retries, in the process or not.
+                limit = self.task.max_retries
+                exhausted = limit is not None and retries >= limit
+                again = countdown = None
+                if not exhausted:
+                    again = getattr(policy, 'in_process', _never)(
+                        self.task, error, in_process)
+                    countdown = 0.0 if again else policy.countdown(
+                        self.task, error, self._broker_retries())
+                    # In-process runs (inline, eager) run again here, at
+                    # once, where a worker would after the countdown.
+                    again = again or (countdown is not None and
+                                      self.request.is_eager)
+                if exhausted or countdown is None:
                     exceeded = ConflictRetriesExceeded(
                         self.name, retries, error)
                     self._after_abort(manager, policy, exceeded)
                     self._notify(events.TaskFailed, error=exceeded)
                     raise exceeded from error
-                # In-process runs (inline, eager) always run again here,
-                # as a worker would after the countdown.
-                again = self.request.is_eager or getattr(
-                    policy, 'in_process', _never)(self.task, error,
-                                                  in_process)
                 self._notify(events.TaskRetried, error=error,
-                             countdown=0.0 if again else countdown,
-                             retries=retries, attempt=retries + 2,
-                             in_process=bool(again))
+                             countdown=countdown, retries=retries,
+                             attempt=retries + 2, in_process=bool(again))
                 if again:
                     log.info('Task %s[%s] hit a conflict (%s); attempt %d '
                              'at once, in this process', self.name,
@@ -280,9 +287,12 @@ class Runner:
         would drop the one being run; it is requeued instead, so that it
         comes back once the broker does.
         """
+        headers = dict(self.request.headers or {}, **{
+            BROKER_RETRIES_HEADER: self._broker_retries() + 1})
         try:
             retry = self.task.retry(
-                countdown=countdown, exc=error, throw=False)
+                countdown=countdown, exc=error, throw=False,
+                headers=headers)
         except celery.exceptions.Reject as reject:
             if not _is_connection_error(self.task.app, reject.reason):
                 raise
@@ -292,6 +302,10 @@ class Runner:
             raise celery.exceptions.Reject(
                 reject.reason, requeue=True) from error
         return retry
+
+    def _broker_retries(self):
+        """How often a conflict sent this task back to the broker."""
+        return int(getattr(self.request, BROKER_RETRIES_HEADER, 0) or 0)
 
     def _attempt(self, manager, connection):
         txn = manager.begin()
