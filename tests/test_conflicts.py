@@ -94,6 +94,7 @@ def sent_retries(monkeypatch):
 def test_a_few_conflicts_are_retried_at_once_in_the_process(
         site, retried, monkeypatch):
     db = site()
+    assert z3c.celery.CELERY.z3c_setting('conflict_in_process') == 6
     broker = sent_retries(monkeypatch)
     result, request = run_in_worker('t.conflict', 'k', 3)
     assert read_data(db)['k'] == ('done', 3)
@@ -106,7 +107,7 @@ def test_a_few_conflicts_are_retried_at_once_in_the_process(
 
 def test_then_the_task_goes_back_to_the_broker_with_a_countdown(
         site, retried, monkeypatch):
-    db = site()
+    db = site(config='conflict_in_process="3"')
     broker = sent_retries(monkeypatch)
     with pytest.raises(celery.exceptions.Retry):
         run_in_worker('t.conflict', 'k', 5)
@@ -118,7 +119,7 @@ def test_then_the_task_goes_back_to_the_broker_with_a_countdown(
 
 def test_the_countdown_grows_with_the_trips_to_the_broker_only(
         site, monkeypatch):
-    site(task='conflict_backoff_base="1"')
+    site(task='conflict_backoff_base="1" conflict_in_process="3"')
     broker = sent_retries(monkeypatch)
     with pytest.raises(celery.exceptions.Retry):
         run_in_worker('t.conflict', 'k', 9, z3c_broker_retries=3)

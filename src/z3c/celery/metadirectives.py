@@ -131,7 +131,7 @@ class ICeleryConfigBase(zope.interface.Interface):
                     'in the same process, this many times per delivery '
                     '(as Zope\'s publisher retries a request); then it '
                     'goes back to the broker with a countdown.  Default: '
-                    '3.',
+                    '6.',
         required=False, min=0)
 
     conflict_backoff_base = zope.schema.Float(

@@ -30,7 +30,7 @@ DEFAULTS = {
     # Write conflicts: this many attempts of each delivery run again at
     # once in the same process (as Zope's publisher does), then the task
     # goes back to the broker with a countdown.
-    'conflict_in_process': 3,
+    'conflict_in_process': 6,
     # Conflict retry backoff (seconds): base * 2**retries, capped, jittered.
     'conflict_backoff_base': 0.05,
     'conflict_backoff_cap': 10.0,
