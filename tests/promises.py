@@ -7,16 +7,10 @@ fixtures ``site`` (a `workers.Site` whose ZCML registers `EXTRA_TASKS`),
 ``worker`` (a running prefork worker of the site).  Each test uses this
 process as the site's web process, logged in as Alice.
 """
+import contextlib
+
 import pytest
 import transaction
-import zope.component
-import zope.component.testing
-import zope.security.management
-from zope.configuration import xmlconfig
-
-from z3c.celery import database
-from z3c.celery.testing import get_principal
-from z3c.celery.testing import login_principal
 
 from tests import workers
 from tests.test_worker import client  # noqa: F401 (fixture)
@@ -35,15 +29,9 @@ EXTRA_TASKS = '''
 def sender():
     """Call with a site (and its database, for the outbox): this process
     sends as Alice."""
-    def load(site, db=None):
-        zope.component.testing.setUp()
-        xmlconfig.file(site.site_zcml)
-        database.set_database(db)
-        login_principal(get_principal('zope.alice'))
-    yield load
-    transaction.abort()
-    zope.security.management.endInteraction()
-    zope.component.testing.tearDown()
+    with contextlib.ExitStack() as stack:
+        yield lambda site, db=None: stack.enter_context(
+            workers.web_process(site, db))
 
 
 def prefork_worker(site):

@@ -78,3 +78,37 @@ def noop():
 def make_tree():
     return OOBTree()
 SITE = "not callable"
+
+
+def add(x, y):
+    """Record ``x + y`` (and the principal) under ``add-x-y``; return it."""
+    data()[f'add-{x}-{y}'] = (x + y, principal_id())
+    return x + y
+
+
+def queue_add(x, y):
+    """Queue ``t.add(x, y)`` from inside a task; write nothing else."""
+    from z3c.celery.interfaces import ITask
+    zope.component.getUtility(ITask, 't.add').delay(x, y)
+
+
+def replace_with_add(self, x, y):
+    """Replace this task by ``t.add(x, y)`` (Celery's Task.replace)."""
+    from z3c.celery.interfaces import ITask
+    add_task = zope.component.getUtility(ITask, 't.add')
+    return self.replace(add_task.s(x, y))
+
+
+def errback(request, exc, traceback):
+    """A link_error errback (new style): record who failed and as whom."""
+    data()[f'errback-{request.id}'] = (str(exc), principal_id())
+
+
+def add_after_conflicts(x, y, times):
+    """Raise ConflictError *times* times (per x, y), then `add`."""
+    key = f'{x}+{y}'
+    seen = _conflicts.get(key, 0)
+    if seen < times:
+        _conflicts[key] = seen + 1
+        raise ConflictError(f'simulated conflict {seen + 1}')
+    return add(x, y)

@@ -1,6 +1,7 @@
 """Faults around a real worker: killed between commit and ack, Redis and
 ZEO restarted while tasks are in flight.  Each effect is applied once."""
 
+import contextlib
 import socket
 import time
 
@@ -9,12 +10,9 @@ import transaction
 import zope.component
 import zope.component.testing
 import zope.security.management
-from zope.configuration import xmlconfig
 
 import z3c.celery
 from z3c.celery.interfaces import ITask
-from z3c.celery.testing import get_principal
-from z3c.celery.testing import login_principal
 from z3c.celery.testing import servers
 from z3c.celery.worker import markers
 
@@ -45,14 +43,8 @@ def zodb(zeo):
 @pytest.fixture
 def client():
     """Call with a site: this process sends as Alice."""
-    def load(site):
-        zope.component.testing.setUp()
-        xmlconfig.file(site.site_zcml)
-        login_principal(get_principal('zope.alice'))
-    yield load
-    transaction.abort()
-    zope.security.management.endInteraction()
-    zope.component.testing.tearDown()
+    with contextlib.ExitStack() as stack:
+        yield lambda site: stack.enter_context(workers.web_process(site))
 
 
 def task(name):

@@ -1,4 +1,4 @@
-"""The ZCML layer: <celery:config> and <celery:task>."""
+"""The ZCML layer: <celery:config>, <celery:task> and <celery:schedule>."""
 import pytest
 import zope.component
 from zope.configuration.config import ConfigurationConflictError
@@ -249,3 +249,140 @@ def test_config_schema_knows_every_celery_setting():
     from z3c.celery.metadirectives import ICeleryConfigDirective
     names = set(ICeleryConfigDirective.names(all=True))
     assert {name for name, _ in flatten(NAMESPACES)} <= names
+
+
+# <celery:schedule>
+
+def test_schedule_handler_records_one_action_and_changes_nothing():
+    context = RecordingContext()
+    before = dict(z3c.celery.CELERY.conf.beat_schedule or {})
+    metaconfigure.schedule(context, name='every-second', task='t.record',
+                           seconds=1.0, args=['k', 1], principal='zope.alice',
+                           queue='slow')
+    assert dict(z3c.celery.CELERY.conf.beat_schedule or {}) == before
+    [action] = context.actions
+    assert action['discriminator'] == ('celery:schedule', 'every-second')
+    app, name, entry = action['args']
+    assert entry['task'] == 't.record' and entry['args'] == ('k', 1)
+    assert entry['options'] == {'queue': 'slow',
+                                '_principal_id_': 'zope.alice'}
+    assert entry['schedule'].run_every.total_seconds() == 1.0
+
+
+def test_schedule_feeds_beat_schedule_with_the_sites_own(load_zcml):
+    import celery.schedules
+    load_zcml('''
+      <celery:config beat_schedule="{'own': {'task': 't.noop',
+                                            'schedule': 30.0}}" />
+      <celery:schedule name="weekdays" task="t.record"
+                       crontab="*/5 8-18 * * mon-fri"
+                       args="('k', 2)" kwargs="{'extra': 1}"
+                       options="{'expires': 60}" />
+      <celery:schedule name="fast" task="t.record" seconds="0.5" />''')
+    schedule = z3c.celery.CELERY.conf.beat_schedule
+    assert sorted(schedule) == ['fast', 'own', 'weekdays']
+    weekdays = schedule['weekdays']
+    assert isinstance(weekdays['schedule'], celery.schedules.crontab)
+    assert weekdays['schedule'] == celery.schedules.crontab(
+        minute='*/5', hour='8-18', day_of_week='mon-fri')
+    assert weekdays['args'] == ('k', 2)
+    assert weekdays['kwargs'] == {'extra': 1}
+    assert weekdays['options'] == {'expires': 60}
+    assert schedule['own'] == {'task': 't.noop', 'schedule': 30.0}
+
+
+def test_schedule_entries_are_forgotten_by_cleanup(load_zcml):
+    load_zcml('<celery:schedule name="gone" task="t.noop" seconds="1" />')
+    assert 'gone' in z3c.celery.CELERY.conf.beat_schedule
+    import zope.component.testing
+    zope.component.testing.tearDown()
+    assert 'gone' not in (z3c.celery.CELERY.conf.beat_schedule or {})
+    zope.component.testing.setUp()
+
+
+@pytest.mark.parametrize('attributes, expected', [
+    ('', 'give either seconds or crontab (neither was given)'),
+    ('seconds="1" crontab="* * * * *"', 'both were given'),
+    ('seconds="0"', 'seconds must be more than 0'),
+    ('seconds="-2.5"', 'seconds must be more than 0'),
+    ('seconds="soon"', 'seconds'),
+    ('seconds="1e400"', 'seconds must be more than 0 (and finite)'),
+    ('seconds="nan"', 'seconds must be more than 0'),
+    ('crontab="61 * * * *"', "crontab '61 * * * *' is not valid"),
+    ('crontab="* * * *"', 'must have five fields'),
+    ('crontab="* * * * someday"', 'is not valid'),
+    ('seconds="1" args="{\'a\': 1}"', 'args must be a list or tuple'),
+    ('seconds="1" args="\'k\'"', 'args must be a list or tuple'),
+    ('seconds="1" kwargs="[1]"', 'kwargs must be a dict'),
+    ('seconds="1" kwargs="{1: 2}"', 'kwargs must be a dict'),
+    ('seconds="1" kwargs="{oops"', 'kwargs'),
+    ('seconds="1" options="(1,)"', 'options must be a dict'),
+    ('seconds="1" colour="red"', 'colour'),
+])
+def test_bad_schedule_fails_at_configuration_time_with_file_and_line(
+        load_zcml, tmp_path, attributes, expected):
+    zcml = tmp_path / 'bad.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n\n'
+        f'  <celery:schedule name="e" task="t.noop" {attributes} />\n'
+        '</configure>\n')
+    with pytest.raises((ZopeXMLConfigurationError, ConfigurationError)) as i:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(i.value)
+    assert f'{zcml}' in text and 'line 3' in text, text
+    assert expected in text, text
+
+
+def test_schedule_without_name_or_task_fails(load_zcml):
+    with pytest.raises(ConfigurationError, match='name'):
+        load_zcml('<celery:schedule task="t.noop" seconds="1" />')
+    with pytest.raises(ConfigurationError, match='task'):
+        load_zcml('<celery:schedule name="e" seconds="1" />')
+
+
+def test_duplicate_schedule_entry_conflicts_naming_both_lines(
+        load_zcml, tmp_path):
+    zcml = tmp_path / 'dup.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:schedule name="e" task="t.noop" seconds="1" />\n'
+        '<celery:schedule name="e" task="t.record" crontab="0 * * * *" />\n'
+        '</configure>\n')
+    with pytest.raises(ConfigurationConflictError) as info:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(info.value)
+    assert 'line 2' in text and 'line 3' in text and str(zcml) in text
+    assert "('celery:schedule', 'e')" in text
+
+
+def test_schedule_entry_also_in_beat_schedule_setting_is_an_error(
+        load_zcml, tmp_path):
+    zcml = tmp_path / 'twice.zcml'
+    zcml.write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:config beat_schedule="{\'e\': {\'task\': \'t.noop\', '
+        '\'schedule\': 5}}" />\n'
+        '<celery:schedule name="e" task="t.noop" seconds="1" />\n'
+        '</configure>\n')
+    with pytest.raises(ConfigurationError) as info:
+        load_zcml(f'<include file="{zcml}" />')
+    text = str(info.value)
+    assert 'defined both by <celery:schedule> and in the beat_schedule' \
+        in text and 'line 3' in text, text
+
+
+def test_overrides_replace_a_schedule_entry(load_zcml, tmp_path):
+    (tmp_path / 'overrides.zcml').write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:schedule name="e" task="t.record" seconds="60" />\n'
+        '</configure>\n')
+    (tmp_path / 'app.zcml').write_text(
+        '<configure xmlns:celery="http://namespaces.zope.org/celery">\n'
+        '<celery:schedule name="e" task="t.noop" seconds="1" />\n'
+        '</configure>\n')
+    load_zcml(f'''
+      <include file="{tmp_path}/app.zcml" />
+      <includeOverrides file="{tmp_path}/overrides.zcml" />''')
+    entry = z3c.celery.CELERY.conf.beat_schedule['e']
+    assert entry['task'] == 't.record'
+    assert entry['schedule'].run_every.total_seconds() == 60

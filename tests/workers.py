@@ -10,11 +10,20 @@
 
 Every wait is bounded; a failure to start raises with the worker's log.
 """
+import contextlib
 import os
 import subprocess
 import time
 
+import transaction
+import zope.component.testing
+import zope.security.management
+from zope.configuration import xmlconfig
+
+from z3c.celery import database
 from z3c.celery import testing
+from z3c.celery.testing import get_principal
+from z3c.celery.testing import login_principal
 from z3c.celery.testing import servers
 
 
@@ -80,6 +89,23 @@ def write_site(directory, broker_url, *, fs_path=None, zeo_address=None,
         wait_timeout=15 if relstorage_dsn is None else 10)
     return Site(directory, zope_conf, site_zcml, broker_url, fs_path,
                 zeo_address)
+
+
+@contextlib.contextmanager
+def web_process(site, db=None, principal_id='zope.alice'):
+    """This process as a web process of *site*: its ZCML loaded in a clean
+    registry, *db* as the tasks' database, logged in as *principal_id*."""
+    zope.component.testing.setUp()
+    xmlconfig.file(site.site_zcml)
+    database.set_database(db)
+    login_principal(get_principal(principal_id))
+    try:
+        yield
+    finally:
+        transaction.abort()
+        zope.security.management.endInteraction()
+        database.set_database(None)
+        zope.component.testing.tearDown()
 
 
 def prepare_database(db):

@@ -5,6 +5,7 @@ import time
 
 import transaction
 import zope.component.hooks
+import zope.security.management
 from ZODB.POSException import ConflictError
 
 from tests.tasks import data
@@ -89,3 +90,85 @@ def log_event(event):
     """Subscriber: the z3c.celery events show in the worker log."""
     log.warning('EVENT %s %s[%s] principal=%s', type(event).__name__,
                 event.task_name, event.task_id, event.principal_id)
+
+
+# The canvas and the other ways of sending (tests/site/canvas.py)
+
+
+def _count(tag, value):
+    d = data()
+    runs = d.get(tag, (0, None, None))[0]
+    d[tag] = (runs + 1, principal_id(), value)
+
+
+def step(value, tag):
+    """A canvas step: count a run under *tag* (as whom, with what value);
+    returns ``value + 1``."""
+    _count(tag, value)
+    return value + 1
+
+
+def mark(tag):
+    """A one-argument step (for ``map``)."""
+    _count(tag, None)
+    return tag
+
+
+def total(values, tag):
+    """A chord's callback: the sum of its header's results."""
+    _count(tag, sorted(values))
+    return sum(values)
+
+
+def failing_step(value, tag):
+    """Count a run that is then rolled back: it fails."""
+    _count(tag, value)
+    raise ValueError(f'{tag} failed')
+
+
+def note_failure(task_id, tag):
+    """An errback that takes the failed task's id (sent as a task)."""
+    _count(tag, task_id)
+
+
+def queue_step(tag):
+    """A running task that queues a step; it writes nothing itself."""
+    from tests.site import canvas
+    canvas.step().delay(1, tag)
+
+
+def replace_by_step(self, tag):
+    """Replaced by ``step(1, tag)``."""
+    from tests.site import canvas
+    return self.replace(canvas.step().s(1, tag))
+
+
+def retry_then_step(self, tag):
+    """Ask for a retry once, then be a step."""
+    if not self.request.retries:
+        raise self.retry(countdown=0)
+    return step(1, tag)
+
+
+def send_inside(self, way, tag, conflicts=0, fail=False):
+    """Send by *way* (see tests/site/canvas.py) from inside a task; then
+    hit a write conflict *conflicts* times, or fail.  What an aborted
+    attempt sent must not leave."""
+    from tests.site import canvas
+    canvas.WAYS[way](tag)
+    if self.request.retries < conflicts:
+        data()[tag + '.dirty'] = True
+        raise ConflictError(f'conflict in {tag}')
+    if fail:
+        raise ValueError(f'{tag}: failed after sending')
+    return way
+
+
+def tick(key):
+    """A periodic task: append who it runs as (or None) at *key*."""
+    interaction = zope.security.management.queryInteraction()
+    who = interaction.participations[0].principal.id \
+        if interaction is not None and interaction.participations else None
+    d = data()
+    d[key] = d.get(key, ()) + (who,)
+    return who

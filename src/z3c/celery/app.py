@@ -7,6 +7,7 @@ worker's runner (`z3c.celery.worker.runner`).  See docs/design.rst.
 """
 import logging
 import os
+import sys
 from collections import defaultdict
 
 import celery
@@ -15,7 +16,6 @@ import kombu.exceptions
 import kombu.serialization
 import zope.component
 import zope.interface
-import zope.security.management
 from celery.utils import uuid
 
 from z3c.celery import settings
@@ -31,6 +31,7 @@ from z3c.celery.sending import dispatchers
 from z3c.celery.sending import queue
 from z3c.celery.sending.result import QueuedResult
 from z3c.celery.worker import runner
+from z3c.celery.worker.components import current_principal_id
 
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,37 @@ class ZopeCelery(celery.Celery):
         return found
 
     def send_task(self, name, args=None, kwargs=None, **options):
-        """Celery's ``send_task``, with our message headers.
+        """Celery's ``send_task``; in a transaction, like ``delay()``.
+
+        In a Zope context (a request, a running task, a script with the
+        database open: see `z3c.celery.sending.queue.in_zope_context`) the
+        task is queued in the current transaction and sent after it
+        commits, with the principal of the interaction (or
+        ``_principal_id_``), and its arguments are checked now.
+        Elsewhere (``celery call``, Flower, a plain script) it is sent at
+        once, as Celery does: `send_task_now`.
+        """
+        if not queue.in_zope_context() or _in_celery_call():
+            return self.send_task_now(name, args, kwargs, **options)
+        for name_ in _NOT_KEPT:
+            options.pop(name_, None)
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        principal_id = kwargs.pop(
+            '_principal_id_', options.pop('_principal_id_', _MISSING))
+        if principal_id is _MISSING:
+            principal_id = current_principal_id()
+        check_serializable(name, args, kwargs, options.get('serializer')
+                           or self.conf.task_serializer)
+        task_id = options.pop('task_id', None) or uuid()
+        message = TaskMessage(name, args, kwargs, options, task_id,
+                              principal_id)
+        message.result = QueuedResult(task_id, task_name=name, app=self)
+        queue.queue_message(self, message)
+        return message.result
+
+    def send_task_now(self, name, args=None, kwargs=None, **options):
+        """Celery's ``send_task``, at once, with our message headers.
 
         Every message leaves through here (dispatch, outbox relay, Celery
         retries): each carries the last transaction id this process knows
@@ -137,6 +168,17 @@ class ZopeCelery(celery.Celery):
             signing.sign_options(secret, name, options['task_id'], args,
                                  kwargs, options)
         return super().send_task(name, args, kwargs, **options)
+
+
+#: ``send_task`` options that belong to the moment of sending.
+_NOT_KEPT = ('producer', 'connection', 'result_cls', 'publisher', 'router')
+
+
+def _in_celery_call():
+    """Whether this is the ``celery call`` command (no transaction)."""
+    click = sys.modules.get('click')
+    context = click.get_current_context(silent=True) if click else None
+    return context is not None and context.info_name == 'call'
 
 
 #: The built-in dispatch modes; ``configure.zcml`` registers the same.
@@ -213,18 +255,6 @@ class ZopeLoader(celery.loaders.app.AppLoader):
             bootsteps.zopeconf.unload()
 
 
-def current_principal_id():
-    """The id of the principal of the current interaction, or ``None``."""
-    interaction = zope.security.management.queryInteraction()
-    if interaction is None:
-        return None
-    for participation in interaction.participations:
-        principal = getattr(participation, 'principal', None)
-        if principal is not None:
-            return principal.id
-    return None
-
-
 @zope.interface.implementer(ITask)
 class TransactionAwareTask(celery.Task):
     """A task that is sent when the current transaction commits.
@@ -257,7 +287,7 @@ class TransactionAwareTask(celery.Task):
             # checked when the task was queued).
             options = dict(self._get_exec_options(), **options)
             options.setdefault('ignore_result', self.ignore_result)
-            return self.app.send_task(
+            return self.app.send_task_now(
                 self.name, args, kwargs, task_id=task_id, producer=producer,
                 link=link, link_error=link_error,
                 result_cls=self.AsyncResult,
@@ -295,21 +325,9 @@ class TransactionAwareTask(celery.Task):
                 self.__header__(*args, **kwargs)
             except TypeError as e:
                 raise TypeError(f'{self.name}: {e}') from None
-        serializer = options.get('serializer') or self.serializer or \
-            self.app.conf.task_serializer
-        try:
-            kombu.serialization.dumps((args, kwargs), serializer)
-        except (kombu.exceptions.EncodeError, TypeError, ValueError):
-            pass
-        else:
-            return
-        for index, value in enumerate(args):
-            _check_value(self.name, serializer, f'argument {index}', value)
-        for key, value in kwargs.items():
-            _check_value(self.name, serializer, f'argument {key!r}', value)
-        raise TypeError(
-            f'{self.name}: the arguments cannot be serialized with '
-            f'{serializer!r}')
+        check_serializable(
+            self.name, args, kwargs, options.get('serializer')
+            or self.serializer or self.app.conf.task_serializer)
 
     def __call__(self, *args, **kwargs):
         return runner.run(self, args, kwargs)
@@ -336,6 +354,23 @@ class TransactionAwareTask(celery.Task):
     def task_id(self):
         """1.x name: the id of the running task, ``self.request.id``."""
         return self.request.id
+
+
+def check_serializable(task_name, args, kwargs, serializer):
+    """Raise a `TypeError` naming the argument *serializer* cannot take."""
+    try:
+        kombu.serialization.dumps((args, kwargs), serializer)
+    except (kombu.exceptions.EncodeError, TypeError, ValueError):
+        pass
+    else:
+        return
+    for index, value in enumerate(args):
+        _check_value(task_name, serializer, f'argument {index}', value)
+    for key, value in kwargs.items():
+        _check_value(task_name, serializer, f'argument {key!r}', value)
+    raise TypeError(
+        f'{task_name}: the arguments cannot be serialized with '
+        f'{serializer!r}')
 
 
 def _check_value(task_name, serializer, label, value):

@@ -24,6 +24,10 @@ RESENT_HEADER = 'z3c_resent'
 #: Header: the HMAC signature of the message (see `z3c.celery.signing`).
 SIGNATURE_HEADER = 'z3c_signature'
 
+#: The keyword argument (and ``apply_async`` option, and schedule entry
+#: option) that names the principal a task runs as.
+PRINCIPAL_KEY = '_principal_id_'
+
 
 class TaskMessage:
     """One queued task: everything needed to publish it (or run it)."""

@@ -1,8 +1,13 @@
-"""Handlers of the ``<celery:config>`` and ``<celery:task>`` directives.
+"""Handlers of the ``<celery:config>``, ``<celery:task>`` and
+``<celery:schedule>`` directives.
 
 They validate and record actions; nothing touches the component registry
 or the Celery app until the configuration machine executes the actions.
 """
+import datetime
+import math
+
+import celery.schedules
 import zope.component.zcml
 import zope.testing.cleanup
 from zope.configuration.exceptions import ConfigurationError
@@ -13,6 +18,7 @@ from z3c.celery.interfaces import IAfterAbortHandler
 from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.interfaces import ITask
+from z3c.celery.message import PRINCIPAL_KEY
 
 
 def config(_context, file=None, module=None, **settings):
@@ -126,3 +132,81 @@ def _forget_zcml_tasks():
 
 
 zope.testing.cleanup.addCleanUp(_forget_zcml_tasks)
+
+
+def schedule(_context, name, task, seconds=None, crontab=None, args=None,
+             kwargs=None, principal=None, queue=None, options=None):
+    """``<celery:schedule>``: see `IScheduleDirective`."""
+    if (seconds is None) == (crontab is None):
+        raise ConfigurationError(
+            f'Schedule entry {name!r}: give either seconds or crontab '
+            f'({"both were" if seconds is not None else "neither was"} '
+            f'given)')
+    if seconds is not None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ConfigurationError(
+                f'Schedule entry {name!r}: seconds must be more than 0 '
+                f'(and finite), not {seconds!r}')
+        when = celery.schedules.schedule(datetime.timedelta(seconds=seconds))
+    else:
+        when = parse_crontab(name, crontab)
+    if args is not None and not isinstance(args, (list, tuple)):
+        raise ConfigurationError(
+            f'Schedule entry {name!r}: args must be a list or tuple, not '
+            f'{args!r}')
+    for label, value in (('kwargs', kwargs), ('options', options)):
+        if value is not None and not (
+                isinstance(value, dict)
+                and all(isinstance(key, str) for key in value)):
+            raise ConfigurationError(
+                f'Schedule entry {name!r}: {label} must be a dict with '
+                f'string keys, not {value!r}')
+    entry_options = dict(options or {})
+    if queue is not None:
+        entry_options['queue'] = queue
+    if principal is not None:
+        entry_options[PRINCIPAL_KEY] = principal
+    entry = {'task': task, 'schedule': when, 'args': tuple(args or ()),
+             'kwargs': dict(kwargs or {}), 'options': entry_options}
+    # After <celery:config> (order 0), whose beat_schedule it extends.
+    _context.action(
+        discriminator=('celery:schedule', name),
+        callable=add_schedule_entry,
+        args=(CELERY, name, entry),
+        order=1,
+    )
+
+
+def parse_crontab(name, text):
+    """A Celery ``crontab`` of the five fields of a crontab line."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise ConfigurationError(
+            f'Schedule entry {name!r}: crontab {text!r} must have five '
+            f'fields (minute hour day-of-month month day-of-week), e.g. '
+            f'"*/5 * * * *"')
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return celery.schedules.crontab(
+            minute=minute, hour=hour, day_of_month=day_of_month,
+            month_of_year=month_of_year, day_of_week=day_of_week)
+    except (ValueError, KeyError, IndexError) as e:
+        raise ConfigurationError(
+            f'Schedule entry {name!r}: crontab {text!r} is not valid: '
+            f'{e}') from None
+
+
+def add_schedule_entry(app, name, entry):
+    """Action: add *entry* to *app*'s ``beat_schedule`` as *name*."""
+    current = dict(settings_module.loaded_conf(app).beat_schedule or {})
+    if name in current and name not in _zcml_entries:
+        raise ConfigurationError(
+            f'Schedule entry {name!r} is defined both by <celery:schedule> '
+            f'and in the beat_schedule setting; rename one of them')
+    current[name] = entry
+    settings_module.configure_app(app, {'beat_schedule': current})
+    _zcml_entries.add(name)
+
+
+_zcml_entries = set()
+zope.testing.cleanup.addCleanUp(_zcml_entries.clear)

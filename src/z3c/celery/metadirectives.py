@@ -1,4 +1,5 @@
-"""Schemas of the ``<celery:config>`` and ``<celery:task>`` directives.
+"""Schemas of the ``<celery:config>``, ``<celery:task>`` and
+``<celery:schedule>`` directives.
 
 Each field's title and description is the directive's reference
 documentation.  ``<celery:config>`` accepts every Celery setting as an
@@ -269,4 +270,69 @@ class ITaskDirective(zope.interface.Interface):
         title='After-abort handler factory',
         description='Called without arguments; the ``IAfterAbortHandler`` '
                     'of this task only.',
+        required=False)
+
+
+class IScheduleDirective(zope.interface.Interface):
+    """A periodic task: an entry of Celery's beat schedule.
+
+    ``celery beat`` (or ``celery worker -B``) started with the site's
+    zope.conf sends the task on this schedule, each tick in a transaction
+    of its own.  Give either ``seconds`` or ``crontab``.  Entries are added
+    to the ``beat_schedule`` setting (``<celery:config>``, a
+    celeryconfig); an entry name used twice is a configuration conflict.
+    """
+
+    name = zope.schema.TextLine(
+        title='Entry name',
+        description='The name of the schedule entry (unique in the site).',
+        required=True)
+
+    task = zope.schema.TextLine(
+        title='Task name',
+        description='The Celery name of the task to send.',
+        required=True)
+
+    seconds = zope.schema.Float(
+        title='Interval',
+        description='Send the task every this many seconds (more than 0).',
+        required=False)
+
+    crontab = zope.schema.TextLine(
+        title='Crontab',
+        description='Send the task on this crontab schedule: the five '
+                    'fields minute, hour, day of month, month and day of '
+                    'week, as in a crontab (``*/5 * * * *``: every five '
+                    'minutes), in the app\'s timezone.',
+        required=False)
+
+    args = PythonLiteral(
+        title='Positional arguments',
+        description='A Python list or tuple, e.g. ``["daily", 3]``.',
+        required=False)
+
+    kwargs = PythonLiteral(
+        title='Keyword arguments',
+        description='A Python dict, e.g. ``{"days": 3}``.',
+        required=False)
+
+    principal = zope.schema.TextLine(
+        title='Principal',
+        description='Id of the principal the task runs as.  Default: the '
+                    'site\'s unauthenticated principal '
+                    '(``<unauthenticatedPrincipal>``); without one the '
+                    'task runs with no principal and beat warns when it '
+                    'starts.',
+        required=False)
+
+    queue = zope.schema.ASCIILine(
+        title='Queue',
+        description='The queue to send the task to (default: the '
+                    'task\'s).',
+        required=False)
+
+    options = PythonLiteral(
+        title='More sending options',
+        description='A Python dict of ``apply_async`` options, e.g. '
+                    '``{"expires": 30, "priority": 5}``.',
         required=False)

@@ -1,7 +1,9 @@
 """``celery -A z3c.celery.CELERY outbox show|flush|retry|purge``.
 
 The outbox's command line: figures, publishing now, putting dead letters
-back, deleting them.  See docs/dispatch.rst.
+back, deleting them.  ``--zope-conf`` (the app's preload option, also
+``$Z3C_CELERY_ZOPE_CONF``) or ``--zodb-conf`` name the database, before or
+after the subcommand.  See docs/dispatch.rst.
 """
 import json
 
@@ -24,6 +26,11 @@ class _CommandState:
         self.zodb_conf = zodb_conf
         self.db = None
         self.close_db = None
+
+    def choose(self, zope_conf=None, zodb_conf=None):
+        """The options given after the subcommand win."""
+        if zope_conf or zodb_conf:
+            self.zope_conf, self.zodb_conf = zope_conf, zodb_conf
 
     def database(self):
         if self.db is not None:
@@ -53,8 +60,26 @@ class _CommandState:
 _STATE_KEY = 'z3c.celery.outbox'
 
 
-def _database(ctx):
-    return ctx.meta[_STATE_KEY].database()
+def _database(ctx, zope_conf=None, zodb_conf=None):
+    state = ctx.meta[_STATE_KEY]
+    state.choose(zope_conf, zodb_conf)
+    return state.database()
+
+
+_ZOPE_CONF_HELP = ('The site\'s zope.conf (its database holds the outbox); '
+                   'default: the ZOPE_CONF setting.')
+_ZODB_CONF_HELP = ('Instead of --zope-conf: a ZODB configuration file '
+                   '(<zodb> section, as ZODB.config reads it).')
+
+
+def _site_options(command):
+    """``--zope-conf`` / ``--zodb-conf`` after the subcommand too."""
+    command = click.option(
+        '--zodb-conf', type=click.Path(exists=True, dir_okay=False),
+        help=_ZODB_CONF_HELP)(command)
+    return click.option(
+        '--zope-conf', type=click.Path(exists=True, dir_okay=False),
+        help=_ZOPE_CONF_HELP)(command)
 
 
 def _age(seconds):
@@ -67,13 +92,11 @@ def _age(seconds):
     return f'{seconds / 3600:.1f}h'
 
 
+# --zope-conf before the subcommand is the app's preload option, which
+# Celery adds to this group (and the site configuration it loads).
 @click.group()
-@click.option('--zope-conf', type=click.Path(exists=True, dir_okay=False),
-              help='The site\'s zope.conf (its database holds the outbox); '
-                   'default: the ZOPE_CONF setting.')
 @click.option('--zodb-conf', type=click.Path(exists=True, dir_okay=False),
-              help='Instead of --zope-conf: a ZODB configuration file '
-                   '(<zodb> section, as ZODB.config reads it).')
+              help=_ZODB_CONF_HELP)
 @click.pass_context
 @handle_preload_options
 def outbox(ctx, zope_conf=None, zodb_conf=None, **kwargs):
@@ -86,10 +109,11 @@ def outbox(ctx, zope_conf=None, zodb_conf=None, **kwargs):
 @outbox.command(cls=CeleryCommand)
 @click.option('--json', 'as_json', is_flag=True,
               help='Print the figures as JSON.')
+@_site_options
 @click.pass_context
-def show(ctx, as_json=False, **kwargs):
+def show(ctx, as_json=False, zope_conf=None, zodb_conf=None, **kwargs):
     """Show pending records, the oldest one's age and dead letters."""
-    figures = store.figures(_database(ctx))
+    figures = store.figures(_database(ctx, zope_conf, zodb_conf))
     if as_json:
         click.echo(json.dumps(figures))
         return
@@ -100,10 +124,11 @@ def show(ctx, as_json=False, **kwargs):
 
 
 @outbox.command(cls=CeleryCommand)
+@_site_options
 @click.pass_context
-def flush(ctx, **kwargs):
+def flush(ctx, zope_conf=None, zodb_conf=None, **kwargs):
     """Publish every pending record now (exit 1 if the broker is away)."""
-    report = Relay(ctx.obj.app, _database(ctx)).flush()
+    report = Relay(ctx.obj.app, _database(ctx, zope_conf, zodb_conf)).flush()
     click.echo(f'sent: {report.sent}  waiting: {report.waiting}  '
                f'failed: {report.failed}  dead letters: {report.dead}')
     if report.error is not None:
@@ -115,10 +140,13 @@ def flush(ctx, **kwargs):
 @click.argument('task_ids', nargs=-1)
 @click.option('--no-flush', is_flag=True,
               help='Only put them back; the relay sends them later.')
+@_site_options
 @click.pass_context
-def retry(ctx, task_ids, no_flush=False, **kwargs):
+def retry(ctx, task_ids, no_flush=False, zope_conf=None, zodb_conf=None,
+          **kwargs):
     """Put dead letters (all, or TASK_IDS) back and publish them."""
-    moved = store.retry_dead_letters(_database(ctx), list(task_ids) or None)
+    moved = store.retry_dead_letters(_database(ctx, zope_conf, zodb_conf),
+                                     list(task_ids) or None)
     click.echo(f'{len(moved)} dead letter(s) back in the outbox')
     if moved and not no_flush:
         ctx.invoke(flush)
@@ -129,10 +157,12 @@ def retry(ctx, task_ids, no_flush=False, **kwargs):
               help='Also delete the pending records (those tasks are '
                    'then never sent).')
 @click.option('-f', '--force', is_flag=True, help='Do not ask.')
+@_site_options
 @click.pass_context
-def purge_command(ctx, pending=False, force=False, **kwargs):
+def purge_command(ctx, pending=False, force=False, zope_conf=None,
+                  zodb_conf=None, **kwargs):
     """Delete the dead letters (with --pending: all records)."""
-    db = _database(ctx)
+    db = _database(ctx, zope_conf, zodb_conf)
     if not force:
         what = 'ALL dead letters and pending records' if pending \
             else 'all dead letters'

@@ -100,31 +100,6 @@ def database_for(app):
     return database.get_database(app.z3c_setting('zodb_database'))
 
 
-def connection_for(txn, db):
-    """A connection of *db* to write through in *txn*.
-
-    The one of *db* already joined to *txn*; failing that, the one of
-    *db* in the multi-database group of a joined connection; failing
-    that, one opened here with the transaction's own manager.  So a
-    transaction never has two connections of one database.
-
-    Returns ``(connection, opened)``; *opened* is true when the connection
-    was opened here and must be closed after the transaction.
-    """
-    for resource in getattr(txn, '_resources', ()):
-        if not isinstance(resource, ZODB.Connection.Connection):
-            continue
-        if resource.db() is db:
-            return resource, False
-        name = getattr(db, 'database_name', None)
-        if resource.db().databases.get(name) is db:
-            # A sibling of the multi-database group: opened (or reused)
-            # with the same transaction manager, closed with its primary.
-            return resource.get_connection(name), False
-    manager = getattr(txn, '_manager', None) or transaction.manager
-    return db.open(transaction_manager=manager), True
-
-
 def _closer(connection):
     def close(*args):
         if connection.opened is not None:
@@ -143,7 +118,7 @@ def write_records(txn, db, messages, key=None, now=None):
     """
     key = key or lane_key()
     now = time.time() if now is None else now
-    connection, opened = connection_for(txn, db)
+    connection, opened = database.connection_for(txn, db)
     if opened:
         close = _closer(connection)
         txn.addAfterCommitHook(close)

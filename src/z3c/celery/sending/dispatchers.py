@@ -7,6 +7,14 @@ import logging
 
 import kombu.serialization
 import zope.interface
+from billiard.einfo import ExceptionInfo
+from billiard.einfo import ExceptionWithTraceback
+from celery.app.trace import build_tracer
+from celery.exceptions import Retry
+from celery.result import EagerResult
+from celery.states import SUCCESS
+from celery.utils.functional import maybe_list
+from celery.utils.nodenames import gethostname
 
 from z3c.celery import events
 from z3c.celery.interfaces import IDispatcher
@@ -71,14 +79,17 @@ class InlineDispatcher:
 
     def after_commit(self, app, messages):
         for message in messages:
-            task = app.tasks[message.name]
+            task = app.tasks.get(message.name)
+            if task is None:
+                log.error('Task %s[%s] is not registered in this process; '
+                          'it cannot run inline and is LOST',
+                          message.name, message.task_id)
+                continue
             if self.roundtrip:
                 args, kwargs = _roundtrip(app, message)
             else:
                 args, kwargs = message.args, message.message_kwargs
-            outcome = task.apply(
-                args, kwargs, task_id=message.task_id, throw=False,
-                **_apply_options(message.options))
+            outcome = apply_in_process(task, args, kwargs, message)
             events.notify(events.TaskSent, message)
             if message.result is not None:
                 message.result.set_outcome(outcome)
@@ -96,8 +107,46 @@ class EagerDispatcher(InlineDispatcher):
     roundtrip = False
 
 
-_APPLY_OPTIONS = frozenset(['link', 'link_error', 'headers', 'retries'])
+def apply_in_process(task, args, kwargs, message):
+    """Run *task* here, as a worker would run *message*; an `EagerResult`.
 
-
-def _apply_options(options):
-    return {k: v for k, v in options.items() if k in _APPLY_OPTIONS}
+    What ``task.apply()`` does, with the parts of the message a worker's
+    request has and ``apply()`` leaves out: the chain to go on with, the
+    parent and root ids, the retries so far.
+    """
+    options = message.options
+    request = {
+        'id': message.task_id,
+        'task': task.name,
+        'parent_id': options.get('parent_id'),
+        'root_id': options.get('root_id') or message.task_id,
+        'retries': options.get('retries') or 0,
+        'is_eager': True,
+        'loglevel': 0,
+        'hostname': gethostname(),
+        'callbacks': maybe_list(options.get('link')),
+        'errbacks': maybe_list(options.get('link_error')),
+        'chain': options.get('chain'),
+        'chord': options.get('chord'),
+        'group': options.get('group_id'),
+        'group_index': options.get('group_index'),
+        'replaced_task_nesting': options.get('replaced_task_nesting', 0),
+        'headers': options.get('headers'),
+        'ignore_result': options.get('ignore_result', task.ignore_result),
+        'delivery_info': {'is_eager': True,
+                          'priority': options.get('priority')},
+    }
+    tracer = build_tracer(task.name, task, eager=True, propagate=False,
+                          app=task._get_app())
+    traced = tracer(message.task_id, args, kwargs, request)
+    retval, traceback = traced.retval, None
+    if isinstance(retval, ExceptionInfo):
+        retval, traceback = retval.exception, retval.traceback
+        if isinstance(retval, ExceptionWithTraceback):
+            retval = retval.exc
+    if isinstance(retval, Retry) and retval.sig is not None:
+        # The task asked for a retry (Task.retry): run it now, as apply().
+        return retval.sig.apply(retries=request['retries'] + 1)
+    state = SUCCESS if traced.info is None else traced.info.state
+    return EagerResult(message.task_id, retval, state, traceback=traceback,
+                       name=task.name)

@@ -157,7 +157,7 @@ def publish(app, messages, producer=None, **send_options):
                         options = message.options
                         if send_options:
                             options = dict(options, **send_options)
-                        app.send_task(
+                        app.send_task_now(
                             message.name, message.args,
                             message.message_kwargs,
                             task_id=message.task_id, producer=producer,

@@ -4,9 +4,13 @@
 ``LOGGING_INI`` settings) are loaded as soon as the worker is created
 (``celeryd_init``); the `ZopeEnvironment` bootstep opens the databases
 where the tasks run (each prefork child after the fork, else the worker
-process) and closes them at stop.  Imported only by workers and the
-``celery`` command.  See docs/worker.rst.
+process) and closes them at stop.  ``--zope-conf`` is a preload option:
+every other ``celery`` subcommand (``beat``, ``inspect``, ``call``,
+``outbox``, ...) loads the site's configuration with it before it runs
+(``user_preload_options``), opening no database.  Imported only by
+workers and the ``celery`` command.  See docs/worker.rst.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +29,7 @@ import z3c.celery.logging
 from z3c.celery import database
 from z3c.celery.exceptions import WorkerSetupError
 from z3c.celery.exceptions import ZopeConfError
+from z3c.celery.worker import beat
 from z3c.celery.worker import zopeconf
 
 
@@ -35,6 +40,10 @@ NO_ZOPE_CONF = (
     '--zope-conf PATH, or set ZOPE_CONF in a celeryconfig named by '
     '--config MODULE, CELERY_CONFIG_MODULE=MODULE or '
     'CELERY_CONFIG_FILE=PATH.')
+
+#: What ``--zope-conf`` defaults to, for programs that cannot pass it
+#: (Flower, a ``celery`` command line written elsewhere).
+ZOPE_CONF_ENV = 'Z3C_CELERY_ZOPE_CONF'
 
 
 class _State:
@@ -51,8 +60,9 @@ def zope_conf_option():
     return CeleryOption(
         ('--zope-conf',), help_group='Zope Options',
         type=click.Path(exists=True, dir_okay=False, resolve_path=True),
-        default=None,
-        help='zope.conf to load (its <zodb> databases and site ZCML). '
+        default=None, envvar=ZOPE_CONF_ENV, show_envvar=True,
+        help='zope.conf of the site: its ZCML configures broker, backend '
+             'and settings (a worker also opens its <zodb> databases). '
              'Default: the ZOPE_CONF setting of the celeryconfig.')
 
 
@@ -72,8 +82,13 @@ def booted():
 
 
 def command_options():
-    """Our options of the ``celery`` subcommands (``app.user_options``)."""
-    return {'worker': {zope_conf_option(), logging_ini_option()}}
+    """Our options of the ``celery`` subcommands (``app.user_options``).
+
+    ``--zope-conf`` is a preload option: Celery adds it to every
+    subcommand (``worker`` included) and sends ``user_preload_options``.
+    """
+    return {'preload': {zope_conf_option()},
+            'worker': {logging_ini_option()}}
 
 
 def boot(app, zope_conf=None, logging_ini=None):
@@ -96,6 +111,7 @@ def boot(app, zope_conf=None, logging_ini=None):
             zopeconf.load_zope_conf(zope_conf)
         except ZopeConfError as e:
             raise WorkerSetupError(f'z3c.celery: {e}') from None
+        import_site_modules(app)
     elif database.get_database(app.z3c_setting('zodb_database')) is None:
         raise WorkerSetupError(NO_ZOPE_CONF)
     if not logging_ini and conf.get('LOGGING_INI'):
@@ -110,6 +126,18 @@ def boot(app, zope_conf=None, logging_ini=None):
     _worker_default(conf, 'result_backend_always_retry', True)
     _state.app = app
     _state.booted = True
+
+
+def import_site_modules(app):
+    """Import the modules of ``imports`` / ``include`` (their tasks).
+
+    Celery imports them before ``celeryd_init`` (and remembers the list),
+    so those that the site's <celery:config> names are imported here.
+    """
+    loader = app.loader
+    loader.__dict__.pop('default_modules', None)    # a cached_property
+    for module in loader.default_modules:
+        loader.import_task_module(module)
 
 
 def _worker_default(conf, name, value):
@@ -143,16 +171,55 @@ def _on_celeryd_init(sender=None, instance=None, options=None, **kw):
     if not getattr(app, 'zope_environment', False):
         return   # the worker of another app, in this process
     options = options or {}
-    try:
+    with _exit_on_failure('loading the Zope environment'):
         boot(app, options.get('zope_conf'), options.get('logging_ini'))
+
+
+@contextlib.contextmanager
+def _exit_on_failure(what):
+    """Exit saying why *what* failed (Celery would log and ignore an
+    Exception raised in a signal handler, and go on without the site)."""
+    try:
+        yield
     except WorkerSetupError as e:
-        # Celery would log and ignore an Exception raised here.
         raise SystemExit(str(e)) from None
+    except ZopeConfError as e:
+        raise SystemExit(f'z3c.celery: {e}') from None
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         raise SystemExit(
-            f'z3c.celery: loading the Zope environment failed: '
-            f'{type(e).__name__}: {e}') from None
+            f'z3c.celery: {what} failed: {type(e).__name__}: {e}') from None
+
+
+@celery.signals.user_preload_options.connect(weak=False)
+def _on_preload_options(sender=None, app=None, options=None, **kw):
+    """Load the site's configuration before a subcommand runs."""
+    if not getattr(app, 'zope_environment', False):
+        return
+    ctx = click.get_current_context(silent=True)
+    command = getattr(ctx, 'info_name', None)
+    if command == 'worker':
+        return   # celeryd_init loads it, after --logging-ini (see boot)
+    path = (options or {}).get('zope_conf')
+    if not path and command == 'beat':
+        path = app.conf.get('ZOPE_CONF')
+        if not path:
+            log.warning(
+                'z3c.celery: beat without a zope.conf: the site\'s ZCML '
+                '(<celery:config>, <celery:schedule>) is not loaded. Give '
+                '--zope-conf PATH or set %s.', ZOPE_CONF_ENV)
+    if path:
+        # The configuration only: a command that is not a worker opens no
+        # database (the outbox command opens its own).
+        with _exit_on_failure(f'loading the site configuration of {path}'):
+            zopeconf.load_zope_conf(path)
+
+
+@celery.signals.beat_init.connect(weak=False)
+def _on_beat_init(sender=None, **kw):
+    app = getattr(sender, 'app', None)
+    if getattr(app, 'zope_environment', False):
+        beat.make_transactional(sender.scheduler)
 
 
 def _is_prefork(pool_cls):

@@ -50,6 +50,18 @@ class Participation:
         self.principal = principal
 
 
+def current_principal_id():
+    """The id of the principal of the current interaction, or ``None``."""
+    interaction = zope.security.management.queryInteraction()
+    if interaction is None:
+        return None
+    for participation in interaction.participations:
+        principal = getattr(participation, 'principal', None)
+        if principal is not None:
+            return principal.id
+    return None
+
+
 def get_principal(principal_id):
     """The principal *principal_id* from the site's ``IAuthentication``.
 

@@ -17,8 +17,8 @@ import celery.states
 from BTrees.LOBTree import LOBTree
 from BTrees.OLBTree import OLBTree
 from BTrees.OOBTree import OOBTree
-from ZODB.Connection import Connection
 
+from z3c.celery import database
 from z3c.celery.exceptions import AlreadyDone
 from z3c.celery.message import RESENT_HEADER
 
@@ -231,17 +231,6 @@ def _read_current(connection, tree, key=None):
         nodes.append(children[index])
 
 
-def writes_to_zodb(txn):
-    """Whether *txn* has ZODB changes to commit.
-
-    A ZODB connection joins the transaction when its first object is
-    changed or added, so a joined connection means a write.  (The
-    transaction package offers no public accessor for its resources.)
-    """
-    return any(isinstance(resource, Connection)
-               for resource in getattr(txn, '_resources', ()))
-
-
 def mark_at_commit(txn, connection, task_id, retention, shared=True):
     """Mark *task_id* done in *txn* if *txn* writes to the ZODB.
 
@@ -251,7 +240,7 @@ def mark_at_commit(txn, connection, task_id, retention, shared=True):
     hook decides at commit.
     """
     if not any(True for _ in txn.getBeforeCommitHooks()):
-        if writes_to_zodb(txn):
+        if database.writes_to_zodb(txn):
             mark_done(connection, task_id, retention, shared=shared)
         return
 
@@ -263,7 +252,7 @@ def mark_at_commit(txn, connection, task_id, retention, shared=True):
         if len(hooks) > (ours[-1] + 1 if ours else 0):
             txn.addBeforeCommitHook(hook)
             return
-        if writes_to_zodb(txn):
+        if database.writes_to_zodb(txn):
             mark_done(connection, task_id, retention, shared=shared)
     txn.addBeforeCommitHook(hook)
 

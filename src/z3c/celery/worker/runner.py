@@ -17,6 +17,8 @@ import zope.component
 import zope.event
 import zope.interface
 import zope.security.management
+from celery.app.task import Context
+from celery.utils import uuid
 from zope.component.hooks import getSite
 from zope.component.hooks import setSite
 from zope.security.management import endInteraction
@@ -35,8 +37,10 @@ from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.message import TID_HEADER
 from z3c.celery.worker import components
+from z3c.celery.worker import follow_ups
 from z3c.celery.worker import markers
 from z3c.celery.worker.components import Participation
+from z3c.celery.worker.components import current_principal_id
 from z3c.celery.worker.connection import abort as _abort
 from z3c.celery.worker.connection import catch_up
 from z3c.celery.worker.connection import close as _close
@@ -75,13 +79,33 @@ def run(task, args, kwargs):
             # nothing.  (In-process runs did not travel through a broker.)
             signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
+    if principal_id is None and request.is_eager:
+        # Run in-process by a running task (Task.replace, an errback
+        # after a failure): as its principal.
+        principal_id = current_principal_id()
     # 1.x messages still in a queue after the upgrade carry these too.
     kwargs.pop('_task_id_', None)
     kwargs.pop('_run_asynchronously_', None)
     if request.called_directly:
-        return run_directly(task, args, kwargs)
-    outcome = Runner(task, args, kwargs, principal_id, request,
-                     settings).run()
+        window = follow_ups.current_window()
+        if window is None:
+            return run_directly(task, args, kwargs)
+        # Celery calls an errback ``(request, exc, traceback)`` of a failed
+        # task in the worker, after the run: it runs as a task of its own,
+        # here, as the failed task's principal.
+        request = Context(id=uuid(), is_eager=True, called_directly=False,
+                          retries=0, delivery_info={}, headers={})
+        settings = task.app.z3c_settings(*_SETTINGS)
+        return Runner(task, args, kwargs, window.principal_id, request,
+                      settings).run()
+    runner = Runner(task, args, kwargs, principal_id, request, settings)
+    try:
+        outcome = runner.run()
+    finally:
+        # What Celery sends from now on (a chord's callback, errbacks)
+        # goes in a transaction of its own, as the task's principal.
+        follow_ups.open_window(task, request, runner.principal,
+                               principal_id)
     if outcome.__class__ is _Retrying:
         # Raised here rather than deep in the runner: Celery copies and
         # formats every frame of a retry's traceback (for its RETRY
@@ -121,6 +145,9 @@ class _Retrying:
 class Runner:
     """One execution of one task message."""
 
+    #: The principal the task runs as, once resolved.
+    principal = None
+
     def __init__(self, task, args, kwargs, principal_id, request, settings):
         self.task = task
         self.args = args
@@ -134,7 +161,8 @@ class Runner:
     def run(self):
         task = self.task
         resolver = lookup(IPrincipalResolver, self.name)
-        principal = resolver.resolve(task, self.principal_id)
+        principal = self.principal = resolver.resolve(
+            task, self.principal_id)
         db = database.get_database(self.database_name)
         seat = None
         if db is None:
@@ -194,7 +222,12 @@ class Runner:
                 return self._attempt(manager, connection)
             except AlreadyDone as done:
                 _abort(manager)
+                done.task_id = self.request.id
+                # Its follow-ups left with the run that committed.
+                follow_ups.sent(self.request)
                 return markers.skip(self.task, done)
+            except celery.exceptions.Ignore:
+                raise       # committed, see _attempt
             except Exception as error:
                 _abort(manager)
                 if policy is None:
@@ -219,6 +252,7 @@ class Runner:
                     # In-process: run again at once, like a worker would
                     # after the countdown, without anybody sleeping.
                     retries += 1
+                    self.request.retries = retries
                     continue
                 return _Retrying(self._retry(countdown, error))
 
@@ -252,9 +286,19 @@ class Runner:
             txn.setExtendedInfo('task_id', self.request.id)
         mark = self._done_marker(connection)
         self._notify(events.TaskStarted)
-        result = self.task.run(*self.args, **self.kwargs)
+        ignore = None
+        try:
+            result = self.task.run(*self.args, **self.kwargs)
+        except celery.exceptions.Ignore as error:
+            # The run is done and wants no state stored: Task.replace()
+            # raises it after queueing the task that replaces this one,
+            # which must leave.  So the transaction commits.
+            ignore, result = error, None
+        else:
+            if follow_ups.pending(self.request):
+                follow_ups.queue(self.task, self.request, result)
         if mark is not None:
-            markers.mark_at_commit(txn, connection, self.request.id,
+            markers.mark_at_commit(txn, connection, self._marker_id(),
                                    self.retention, shared=mark)
         if connection is None:
             manager.commit()
@@ -269,6 +313,9 @@ class Runner:
                 manager.commit()
             finally:
                 connection.explicit_transactions = False
+        if ignore is not None:
+            raise ignore
+        follow_ups.sent(self.request)
         self._notify(events.TaskSucceeded, result=result)
         return result
 
@@ -292,11 +339,20 @@ class Runner:
         # A retry of this run is flagged alike (see the task's retry).
         self.request.z3c_repeated = repeated
         if repeated:
-            when = markers.done_at(connection, self.request.id,
+            when = markers.done_at(connection, self._marker_id(),
                                    self.retention)
             if when is not None:
                 raise AlreadyDone(self.name, self.request.id, when)
         return repeated
+
+    def _marker_id(self):
+        """The done-marker's key: the task id, and for a task that
+        replaces another (``Task.replace``: it keeps the id) how many
+        replacements deep it is."""
+        nesting = getattr(self.request, 'replaced_task_nesting', 0)
+        if nesting:
+            return f'{self.request.id}/replaced/{nesting}'
+        return self.request.id
 
     def _after_abort(self, manager, policy, error):
         handler = lookup(IAfterAbortHandler, self.name)

@@ -55,6 +55,7 @@ class _State:
     databases = None  # name -> DB, once opened in this process
     main = None       # the first of them
     bootstrapped = False  # bootstrap_databases done (inherited by forks)
+    pid = None        # the process that opened them
 
 
 _state = _State()
@@ -141,6 +142,7 @@ def open_databases(options=None):
     main = dbs[0]
     _state.databases = databases
     _state.main = main
+    _state.pid = os.getpid()
     database.set_database(main)
     zope.event.notify(zope.processlifetime.DatabaseOpened(main))
     ensure_root_folder(main)
@@ -223,6 +225,23 @@ def _bootstrap_one(factory, main):
             ensure_root_folder(db)
     finally:
         db.close()
+
+
+def forget_inherited_databases():
+    """Forget the databases a parent process opened before forking this one.
+
+    Their storage connections belong to the parent (a forked ``worker -B``
+    beat process even closed their files): they are neither used nor
+    closed here.  Returns whether there were any.
+    """
+    if _state.databases is None or _state.pid == os.getpid():
+        return False
+    databases, _state.databases, _state.main = _state.databases, None, None
+    database.set_database(None)
+    gsm = zope.component.getGlobalSiteManager()
+    for name, db in databases.items():
+        gsm.unregisterUtility(db, ZODB.interfaces.IDatabase, name)
+    return True
 
 
 def ensure_root_folder(db, attempts=5):
