@@ -41,6 +41,7 @@ _MISSING = object()
 #: never imports them: Celery imports a step when a worker is built.
 ZOPE_ENVIRONMENT_STEP = 'z3c.celery.worker.bootsteps:ZopeEnvironment'
 OUTBOX_RELAY_STEP = 'z3c.celery.outbox.relay:OutboxRelayStep'
+MESSAGE_GUARD_STEP = 'z3c.celery.worker.guard:MessageGuard'
 
 
 class _UserOptions(defaultdict):
@@ -133,9 +134,10 @@ class ZopeCelery(celery.Celery):
                                       **{TID_HEADER: token})
         secret = self.z3c_setting('signing_secret')
         if secret:
-            options['task_id'] = options.get('task_id') or uuid()
-            signing.sign_options(secret, name, options['task_id'], args,
-                                 kwargs, options)
+            # Signed from the message as Celery builds it (times made
+            # absolute, follow-ups in its body): see `signing`.
+            with signing.signing_with(secret):
+                return super().send_task(name, args, kwargs, **options)
         return super().send_task(name, args, kwargs, **options)
 
 
@@ -255,6 +257,16 @@ class TransactionAwareTask(celery.Task):
             message.task_id, task_name=self.name, app=self.app)
         queue.queue_message(self.app, message)
         return message.result
+
+    def apply(self, *args, **kw):
+        """Celery's ``apply``: run here and now, known as in-process.
+
+        The run did not travel through a broker, so no signature is
+        checked (see `z3c.celery.signing.in_process`; Celery's own
+        ``request.is_eager`` is not trusted, a message can set it).
+        """
+        with signing.in_process():
+            return super().apply(*args, **kw)
 
     def check_call(self, args, kwargs, options):
         """Fail now (TypeError) on arguments the task cannot be sent with."""

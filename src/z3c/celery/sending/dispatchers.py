@@ -9,6 +9,7 @@ import kombu.serialization
 import zope.interface
 
 from z3c.celery import events
+from z3c.celery import signing
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.message import describe
 from z3c.celery.sending.publish import counters
@@ -76,9 +77,10 @@ class InlineDispatcher:
                 args, kwargs = _roundtrip(app, message)
             else:
                 args, kwargs = message.args, message.message_kwargs
-            outcome = task.apply(
-                args, kwargs, task_id=message.task_id, throw=False,
-                **_apply_options(message.options))
+            with signing.in_process():
+                outcome = task.apply(
+                    args, kwargs, task_id=message.task_id, throw=False,
+                    **_apply_options(message.options))
             events.notify(events.TaskSent, message)
             if message.result is not None:
                 message.result.set_outcome(outcome)

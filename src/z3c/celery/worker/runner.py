@@ -66,12 +66,18 @@ _SETTINGS = ('signing_secret', 'zodb_database', 'done_markers',
 def run(task, args, kwargs):
     """Entry point from ``TransactionAwareTask.__call__``."""
     request = task.request
+    in_process = signing.is_in_process()
     if not request.called_directly:
         settings = task.app.z3c_settings(*_SETTINGS)
         secret = settings[0]
-        if secret and not request.is_eager:
+        if secret and not in_process:
             # First of all: a message refused for its signature runs
-            # nothing.  (In-process runs did not travel through a broker.)
+            # nothing.  In-process runs (inline, eager) did not travel
+            # through a broker; that is known from how the run started,
+            # never from the request (a message's embed can set
+            # ``is_eager``).  The worker's consumer checked the message
+            # already (`z3c.celery.worker.strategy`); this is the check
+            # of the run itself.
             signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
     # 1.x messages still in a queue after the upgrade carry these too.
@@ -80,7 +86,7 @@ def run(task, args, kwargs):
     if request.called_directly:
         return task.run(*args, **kwargs)
     outcome = Runner(task, args, kwargs, principal_id, request,
-                     settings).run()
+                     settings, in_process).run()
     if outcome.__class__ is _Retrying:
         # Raised here rather than deep in the runner: Celery copies and
         # formats every frame of a retry's traceback (for its RETRY
@@ -101,8 +107,10 @@ class _Retrying:
 class Runner:
     """One execution of one task message."""
 
-    def __init__(self, task, args, kwargs, principal_id, request, settings):
+    def __init__(self, task, args, kwargs, principal_id, request, settings,
+                 in_process=False):
         self.task = task
+        self.in_process = in_process
         self.args = args
         self.kwargs = kwargs
         self.principal_id = principal_id
@@ -123,7 +131,7 @@ class Runner:
         else:
             # See what the sender had committed when it sent this.
             catch_up(db, getattr(self.request, TID_HEADER, None))
-            if self.request.is_eager:
+            if self.in_process:
                 # In-process (inline, eager): a connection for this run.
                 manager = transaction.TransactionManager()
                 connection = db.open(transaction_manager=manager)
@@ -195,7 +203,7 @@ class Runner:
                 log.info('Task %s[%s] hit a conflict (%s); retry %d in '
                          '%.2fs', self.name, self.request.id, error,
                          retries + 1, countdown)
-                if self.request.is_eager:
+                if self.in_process:
                     # In-process: run again at once, like a worker would
                     # after the countdown, without anybody sleeping.
                     retries += 1
