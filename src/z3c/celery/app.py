@@ -89,6 +89,8 @@ class ZopeCelery(celery.Celery):
         self.user_options = _UserOptions()
         self.steps['worker'].add(ZOPE_ENVIRONMENT_STEP)
         self.steps['worker'].add(OUTBOX_RELAY_STEP)
+        # Checks what arrives before Celery reads it (poison, forgeries).
+        self.steps['consumer'].add(MESSAGE_GUARD_STEP)
 
     def z3c_setting(self, name):
         """Return one of our settings (see `z3c.celery.settings`)."""
@@ -278,10 +280,16 @@ class TransactionAwareTask(celery.Task):
         serializer = options.get('serializer') or self.serializer or \
             self.app.conf.task_serializer
         try:
-            kombu.serialization.dumps((args, kwargs), serializer)
+            _, _, data = kombu.serialization.dumps((args, kwargs), serializer)
         except (kombu.exceptions.EncodeError, TypeError, ValueError):
             pass
         else:
+            limit = self.app.z3c_setting('message_size_limit')
+            if limit and len(data) > limit:
+                raise TypeError(
+                    f'{self.name}: the arguments take {len(data)} bytes '
+                    f'serialized with {serializer!r}, more than '
+                    f'message_size_limit ({limit} bytes)')
             return
         for index, value in enumerate(args):
             _check_value(self.name, serializer, f'argument {index}', value)
