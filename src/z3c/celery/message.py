@@ -9,8 +9,30 @@ from z3c.celery import database
 
 
 #: Extended-info key under which a transaction records the ids of the
-#: tasks it queued.
+#: tasks it queued: the first `TASK_IDS_KEPT` of them.
 TASK_IDS_KEY = 'z3c.celery.task_ids'
+
+#: Extended-info key: how many tasks the transaction queued (all of them).
+TASK_COUNT_KEY = 'z3c.celery.task_count'
+
+#: At most this many task ids go into a transaction's extended info.
+#: FileStorage stores at most 65,535 bytes of it per transaction (ZEO and
+#: RelStorage pass it on alike), shared with the application's own
+#: entries: about 1,450 ids would fill it, and the commit would fail.
+#: 100 ids take about 4 KB.
+TASK_IDS_KEPT = 100
+
+
+def record_task_ids(extension, task_ids):
+    """Add *task_ids* to a transaction's *extension* (bounded)."""
+    count = extension.get(TASK_COUNT_KEY, 0) + len(task_ids)
+    ids = list(extension.get(TASK_IDS_KEY, ()))
+    room = TASK_IDS_KEPT - len(ids)
+    if room > 0:
+        ids.extend(task_ids[:room])
+    extension[TASK_IDS_KEY] = ids
+    extension[TASK_COUNT_KEY] = count
+
 
 #: Header: the last transaction id the sender knew of its database (hex),
 #: so that the worker reads at least that state (`commit_token`).
