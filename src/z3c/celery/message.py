@@ -5,6 +5,8 @@ side builds a `TaskMessage` and publishes it with these headers; the
 outbox stores it as a record and turns the record back into a message; the
 worker reads the headers.  See docs/design.rst.
 """
+import datetime
+
 from z3c.celery import database
 
 
@@ -32,7 +34,6 @@ def record_task_ids(extension, task_ids):
         ids.extend(task_ids[:room])
     extension[TASK_IDS_KEY] = ids
     extension[TASK_COUNT_KEY] = count
-
 
 #: Header: the last transaction id the sender knew of its database (hex),
 #: so that the worker reads at least that state (`commit_token`).
@@ -108,22 +109,47 @@ def commit_token(app):
 # module and `z3c.celery.outbox.store` know its keys.
 
 
+def absolute_times(options, now):
+    """*options* with ``countdown`` and a ``expires`` in seconds made
+    absolute from *now* (a copy; the commit's time for a stored record).
+
+    So a message that leaves late (the outbox relay after an outage) runs
+    and expires when it would have had it left at commit: ``countdown=60``
+    becomes an ``eta`` a minute after the commit, ``expires=15`` a time
+    15 seconds after the commit, and a relay that sends it later still
+    sends these times.
+    """
+    countdown = options.get('countdown')
+    expires = options.get('expires')
+    if countdown is None and not isinstance(expires, (int, float)):
+        return dict(options)
+    options = dict(options)
+    start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    if countdown is not None:
+        del options['countdown']
+        if options.get('eta') is None:
+            options['eta'] = start + datetime.timedelta(seconds=countdown)
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        options['expires'] = start + datetime.timedelta(seconds=expires)
+    return options
+
+
 def make_record(message, now, seq=0):
     """The stored form of *message*.
 
     *seq* is the message's place among those of its transaction: with
-    ``created`` it keeps the order in which they were queued.
+    ``created`` it keeps the order in which they were queued.  A record
+    never changes once written; what the relay knows of it (claims,
+    failed attempts) is kept apart (`z3c.celery.outbox.store`).
     """
     return {
         'name': message.name,
         'args': tuple(message.args),
         'kwargs': dict(message.kwargs),
-        'options': dict(message.options),
+        'options': absolute_times(message.options, now),
         'principal_id': message.principal_id,
         'created': now,
         'seq': seq,
-        'attempts': 0,
-        'next_try': 0.0,
     }
 
 
