@@ -13,18 +13,12 @@ import uuid
 import pytest
 import transaction
 import zope.component
-import zope.component.testing
-import zope.security.management
 from celery.exceptions import NotRegistered
-from zope.configuration import xmlconfig
 
 import z3c.celery
-from z3c.celery import database
 from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
-from z3c.celery.testing import get_principal
-from z3c.celery.testing import login_principal
 from z3c.celery.worker import markers
 
 from tests import workers
@@ -52,14 +46,8 @@ def worker(site, zodb):
 @pytest.fixture
 def client(site, worker, zodb):
     """This process as a web process of the site, logged in as Alice."""
-    zope.component.testing.setUp()
-    xmlconfig.file(site.site_zcml)
-    database.set_database(zodb)
-    login_principal(get_principal('zope.alice'))
-    yield
-    transaction.abort()
-    zope.security.management.endInteraction()
-    zope.component.testing.tearDown()
+    with workers.as_web_process(site, zodb):
+        yield
 
 
 def task(name):

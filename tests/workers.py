@@ -10,6 +10,7 @@
 
 Every wait is bounded; a failure to start raises with the worker's log.
 """
+import contextlib
 import os
 import subprocess
 import time
@@ -108,6 +109,28 @@ def zeo_db(address):
     """
     import ZEO
     return ZEO.DB(tuple(address), wait_timeout=30, server_sync=True)
+
+
+@contextlib.contextmanager
+def as_web_process(site, db, principal_id='zope.alice'):
+    """This process as a web process of *site* on *db*, logged in."""
+    import transaction
+    import zope.component.testing
+    import zope.security.management
+    from zope.configuration import xmlconfig
+    from z3c.celery import database
+    from z3c.celery.testing import get_principal
+    from z3c.celery.testing import login_principal
+    zope.component.testing.setUp()
+    try:
+        xmlconfig.file(site.site_zcml)
+        database.set_database(db)
+        login_principal(get_principal(principal_id))
+        yield
+    finally:
+        transaction.abort()
+        zope.security.management.endInteraction()
+        zope.component.testing.tearDown()
 
 
 def read_data(db):

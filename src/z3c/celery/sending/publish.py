@@ -74,12 +74,8 @@ def _batch(producer):
 def _result_cls(message):
     """What ``send_task`` should make the message's result object of.
 
-    The result ``delay()`` returned, when there is one: a result backend
-    that pushes results (Redis) subscribes to the task's result when it is
-    sent, until the result object is dropped.  With a result object of its
-    own that ``send_task`` would make and we would drop at once, the
-    subscription would end right away, and a caller waiting on the result
-    of ``delay()`` would have to subscribe again.
+    The result ``delay()`` returned, when there is one (rather than a new
+    one that would be dropped at once).
     """
     result = message.result
     if result is None:
@@ -92,6 +88,32 @@ class _Publishing(threading.local):
 
 
 _publishing = _Publishing()
+
+
+def _no_subscription_at_publish(app):
+    """Keep the result backend out of `publish`.
+
+    Celery's ``send_task`` has a result backend that pushes results
+    (Redis) subscribe to the task's result before the message leaves; with
+    that backend away, its reconnect loop (20 tries, 1 s apart) held a
+    commit up to 20 s, although the message itself is kept in the outbox.
+    Messages that `publish` sends subscribe when somebody asks for their
+    result instead (``AsyncResult.get()`` subscribes, then reads what was
+    stored meanwhile), so publishing needs the broker only.  Installed
+    once on the app's backend; other sends (not through `publish`) keep
+    Celery's behaviour.
+    """
+    backend = app.backend
+    on_task_call = getattr(backend, 'on_task_call', None)
+    if on_task_call is None or getattr(on_task_call, 'z3c', False):
+        return
+
+    def on_task_call_outside_publish(producer, task_id):
+        if _publishing.active:
+            return None
+        return on_task_call(producer, task_id)
+    on_task_call_outside_publish.z3c = True
+    backend.on_task_call = on_task_call_outside_publish
 
 
 @celery.signals.before_task_publish.connect(weak=False)
@@ -146,6 +168,7 @@ def publish(app, messages, producer=None, **send_options):
         return unsent
     sent = 0
     current = None
+    _no_subscription_at_publish(app)
     _publishing.active = True
     try:
         with app.producer_or_acquire(producer) as producer:
