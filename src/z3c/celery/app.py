@@ -255,10 +255,11 @@ class TransactionAwareTask(celery.Task):
         message = TaskMessage(
             self.name, args, kwargs, exec_options, task_id or uuid(),
             principal_id)
-        message.result = QueuedResult(
+        # The message keeps a weak reference only (see TaskMessage.result).
+        result = message.result = QueuedResult(
             message.task_id, task_name=self.name, app=self.app)
         queue.queue_message(self.app, message)
-        return message.result
+        return result
 
     def apply(self, *args, **kw):
         """Celery's ``apply``: run here and now, known as in-process.

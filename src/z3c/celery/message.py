@@ -6,6 +6,7 @@ outbox stores it as a record and turns the record back into a message; the
 worker reads the headers.  See docs/design.rst.
 """
 import datetime
+import weakref
 
 from z3c.celery import database
 
@@ -52,7 +53,7 @@ class TaskMessage:
     """One queued task: everything needed to publish it (or run it)."""
 
     __slots__ = ('name', 'args', 'kwargs', 'options', 'task_id',
-                 'principal_id', 'result')
+                 'principal_id', '_result')
 
     def __init__(self, name, args, kwargs, options, task_id, principal_id):
         self.name = name
@@ -61,7 +62,19 @@ class TaskMessage:
         self.options = options
         self.task_id = task_id
         self.principal_id = principal_id
-        self.result = None
+        self._result = None
+
+    @property
+    def result(self):
+        """The result object ``delay()`` returned, while its caller keeps
+        it (``None`` after; a weak reference: a transaction queuing many
+        tasks whose results nobody keeps does not hold them all)."""
+        ref = self._result
+        return None if ref is None else ref()
+
+    @result.setter
+    def result(self, result):
+        self._result = None if result is None else weakref.ref(result)
 
     @property
     def message_kwargs(self):
@@ -110,8 +123,9 @@ def commit_token(app):
 
 
 def absolute_times(options, now):
-    """*options* with ``countdown`` and a ``expires`` in seconds made
-    absolute from *now* (a copy; the commit's time for a stored record).
+    """*options* with ``countdown`` and an ``expires`` in seconds made
+    absolute from *now* (the commit's time for a stored record): a copy
+    if it has any, else *options* itself.
 
     So a message that leaves late (the outbox relay after an outage) runs
     and expires when it would have had it left at commit: ``countdown=60``
@@ -122,7 +136,7 @@ def absolute_times(options, now):
     countdown = options.get('countdown')
     expires = options.get('expires')
     if countdown is None and not isinstance(expires, (int, float)):
-        return dict(options)
+        return options
     options = dict(options)
     start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     if countdown is not None:
@@ -140,12 +154,15 @@ def make_record(message, now, seq=0):
     *seq* is the message's place among those of its transaction: with
     ``created`` it keeps the order in which they were queued.  A record
     never changes once written; what the relay knows of it (claims,
-    failed attempts) is kept apart (`z3c.celery.outbox.store`).
+    failed attempts) is kept apart (`z3c.celery.outbox.store`).  It
+    shares the message's arguments and options (``delay()`` made them
+    for the message; nobody changes them afterwards): a transaction of
+    many tasks holds them once.
     """
     return {
         'name': message.name,
-        'args': tuple(message.args),
-        'kwargs': dict(message.kwargs),
+        'args': message.args,
+        'kwargs': message.kwargs,
         'options': absolute_times(message.options, now),
         'principal_id': message.principal_id,
         'created': now,

@@ -179,7 +179,10 @@ def _closer(connection):
 def write_records(txn, db, messages, key=None, now=None):
     """Store *messages* in the lane *key* of *db*'s outbox, within *txn*.
 
-    Returns ``(lane key, connection written through)``.
+    Returns ``(lane key, connection written through, fresh)``; *fresh*
+    is true when the lane held no record before: the lane then holds the
+    records of *messages* only (only this thread adds to it), and
+    `remove_records` can empty it without reading it.
     """
     key = key or lane_key()
     now = time.time() if now is None else now
@@ -195,17 +198,20 @@ def write_records(txn, db, messages, key=None, now=None):
     elif now - lane.touched > TOUCH_INTERVAL:
         lane.touched = now
     records = lane.records
+    fresh = not records
     for seq, message in enumerate(messages):
         records[message.task_id] = make_record(message, now, seq)
-    return key, connection
+    return key, connection, fresh
 
 
-def remove_records(db, key, task_ids, attempts=5):
+def remove_records(db, key, task_ids, attempts=5, whole_lane=False):
     """Delete the records *task_ids* of lane *key* (they were sent).
 
     Runs in a short transaction of its own (own transaction manager and
     connection), retried on conflicts.  Returns true on success; on failure
     the records stay and the relay sends them once more (same task ids).
+    With *whole_lane* (the lane holds these records only, see
+    `write_records`), the lane is emptied without reading its records.
     """
     task_ids = set(task_ids)
     manager = transaction.TransactionManager()
@@ -219,7 +225,9 @@ def remove_records(db, key, task_ids, attempts=5):
                 lane = outbox.lanes.get(key) if outbox is not None else None
                 if lane is not None:
                     records = lane.records
-                    if len(records) == len(task_ids) and all(
+                    if whole_lane:
+                        records.clear()
+                    elif len(records) == len(task_ids) and all(
                             task_id in records for task_id in task_ids):
                         # All of the lane: one write instead of one per
                         # bucket.  Safe, as only this thread adds here.

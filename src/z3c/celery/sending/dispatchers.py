@@ -82,8 +82,9 @@ class InlineDispatcher:
                     args, kwargs, task_id=message.task_id, throw=False,
                     **_apply_options(message.options))
             events.notify(events.TaskSent, message)
-            if message.result is not None:
-                message.result.set_outcome(outcome)
+            result = message.result
+            if result is not None:
+                result.set_outcome(outcome)
             if outcome.failed():
                 log.error('Task %s[%s] failed (run inline): %r',
                           message.name, message.task_id, outcome.result)

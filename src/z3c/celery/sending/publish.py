@@ -71,16 +71,32 @@ def _batch(producer):
         else contextlib.nullcontext()
 
 
-def _result_cls(message):
+class _Unkept:
+    """What ``send_task`` returns for a message whose result nobody keeps
+    (a real result object would be made and dropped at once)."""
+
+    parent = ignored = None
+
+
+_UNKEPT = _Unkept()
+
+
+def _result_cls(message, placeholder):
     """What ``send_task`` should make the message's result object of.
 
-    The result ``delay()`` returned, when there is one (rather than a new
-    one that would be dropped at once).
+    The result ``delay()`` returned while its caller keeps it; else, with
+    *placeholder*, a placeholder (`publish` does not return results); else
+    Celery's own (in a running task, Celery adds it to the task's
+    children).
     """
     result = message.result
     if result is None:
-        return None
+        return _unkept if placeholder else None
     return lambda task_id: result
+
+
+def _unkept(task_id):
+    return _UNKEPT
 
 
 class _Publishing(threading.local):
@@ -147,6 +163,35 @@ def _forget_errback(producer):
         del options['errback']
 
 
+class _Declared:
+    """The destinations one `publish` call declared already.
+
+    kombu declares a message's queue before each publish (a no-op after
+    the first, but one that copies the queue and its exchange each time:
+    a sixth of the time of a large batch).  Where routing depends on the
+    message's options only (no ``task_routes``), the first message to a
+    destination declares it and the others of the call pass
+    ``declare=()``.
+    """
+
+    def __init__(self, app):
+        self.enabled = not app.conf.task_routes
+        self.seen = set()
+
+    def options(self, message, send_options):
+        options = message.options
+        if send_options:
+            options = dict(options, **send_options)
+        if not self.enabled or 'declare' in options:
+            return options
+        destination = (message.name, options.get('queue'),
+                       options.get('exchange'), options.get('routing_key'))
+        if destination not in self.seen:
+            self.seen.add(destination)
+            return options
+        return dict(options, declare=())
+
+
 def publish(app, messages, producer=None, **send_options):
     """Publish *messages* through one producer; return those not sent.
 
@@ -169,6 +214,8 @@ def publish(app, messages, producer=None, **send_options):
     sent = 0
     current = None
     _no_subscription_at_publish(app)
+    declared = _Declared(app)
+    placeholder = app.current_worker_task is None
     _publishing.active = True
     try:
         with app.producer_or_acquire(producer) as producer:
@@ -177,14 +224,13 @@ def publish(app, messages, producer=None, **send_options):
                 with _batch(producer):
                     for message in chunk:
                         current = message
-                        options = message.options
-                        if send_options:
-                            options = dict(options, **send_options)
+                        options = declared.options(message, send_options)
                         app.send_task(
                             message.name, message.args,
                             message.message_kwargs,
                             task_id=message.task_id, producer=producer,
-                            result_cls=_result_cls(message), **options)
+                            result_cls=_result_cls(message, placeholder),
+                            **options)
                     current = None
                 sent += len(chunk)
                 for message in chunk:
