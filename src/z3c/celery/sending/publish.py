@@ -163,15 +163,36 @@ def _forget_errback(producer):
         del options['errback']
 
 
-class _Declared:
-    """The destinations one `publish` call declared already.
+#: Argument types whose ``repr`` is what Celery's ``saferepr`` makes of
+#: them (when short enough).
+_PLAIN = frozenset([int, float, bool, str, type(None)])
 
-    kombu declares a message's queue before each publish (a no-op after
-    the first, but one that copies the queue and its exchange each time:
-    a sixth of the time of a large batch).  Where routing depends on the
-    message's options only (no ``task_routes``), the first message to a
-    destination declares it and the others of the call pass
-    ``declare=()``.
+#: Celery's limit of ``argsrepr`` and ``kwargsrepr`` (characters).
+_REPR_MAX = 1024
+
+
+def _plain_repr(value, items):
+    """``repr(value)`` if *items* are all plain and short, else ``None``."""
+    for item in items:
+        kind = type(item)
+        if kind not in _PLAIN or (kind is str and len(item) > 100):
+            return None
+    text = repr(value)
+    return text if len(text) <= _REPR_MAX else None
+
+
+class _Options:
+    """The options `publish` hands ``send_task`` for each message.
+
+    Two costs of Celery's per message are paid once here: kombu declares
+    a message's queue before each publish (a no-op after the first, but
+    one that copies the queue and its exchange each time: a sixth of the
+    time of a large batch), so where routing depends on the message's
+    options only (no ``task_routes``), the first message to a destination
+    declares it and the others pass ``declare=()``; and Celery's
+    ``saferepr`` of the arguments (for logs and monitors) is, for short
+    arguments of plain types, their ``repr``, which is what it would
+    make of them.
     """
 
     def __init__(self, app):
@@ -180,16 +201,24 @@ class _Declared:
 
     def options(self, message, send_options):
         options = message.options
-        if send_options:
-            options = dict(options, **send_options)
-        if not self.enabled or 'declare' in options:
-            return options
-        destination = (message.name, options.get('queue'),
-                       options.get('exchange'), options.get('routing_key'))
-        if destination not in self.seen:
-            self.seen.add(destination)
-            return options
-        return dict(options, declare=())
+        extra = dict(send_options) if send_options else {}
+        if 'argsrepr' not in options:
+            args, kwargs = message.args, message.message_kwargs
+            argsrepr = _plain_repr(args, args)
+            kwargsrepr = argsrepr is not None and _plain_repr(
+                kwargs, [k for item in kwargs.items() for k in item])
+            if kwargsrepr:
+                extra['argsrepr'] = argsrepr
+                extra['kwargsrepr'] = kwargsrepr
+        if self.enabled and 'declare' not in options:
+            destination = (message.name, options.get('queue'),
+                           options.get('exchange'),
+                           options.get('routing_key'))
+            if destination in self.seen:
+                extra['declare'] = ()
+            else:
+                self.seen.add(destination)
+        return dict(options, **extra) if extra else options
 
 
 def publish(app, messages, producer=None, **send_options):
@@ -214,7 +243,7 @@ def publish(app, messages, producer=None, **send_options):
     sent = 0
     current = None
     _no_subscription_at_publish(app)
-    declared = _Declared(app)
+    per_message = _Options(app)
     placeholder = app.current_worker_task is None
     _publishing.active = True
     try:
@@ -224,7 +253,7 @@ def publish(app, messages, producer=None, **send_options):
                 with _batch(producer):
                     for message in chunk:
                         current = message
-                        options = declared.options(message, send_options)
+                        options = per_message.options(message, send_options)
                         app.send_task(
                             message.name, message.args,
                             message.message_kwargs,
