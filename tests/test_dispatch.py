@@ -124,6 +124,16 @@ def test_argsrepr_is_what_celery_would_make_of_the_arguments(
         assert headers['kwargsrepr'] == saferepr(kwargs, 1024)
 
 
+def test_arguments_over_the_size_limit_fail_at_delay(site, redis_server):
+    with pytest.raises(TypeError, match=r'message_size_limit \(4194304 '
+                       r'bytes\)') as error:
+        task().delay('big', 'x' * (4 * 1024 * 1024))
+    assert 't.record: the arguments take 41943' in str(error.value)
+    task().delay('small', 'x' * 1024)
+    transaction.commit()
+    assert len(broker_messages(redis_server)) == 1
+
+
 def test_extended_info_is_committed(site, db):
     conn = db.open()
     conn.root()['touched'] = 1

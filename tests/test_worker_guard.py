@@ -132,6 +132,13 @@ def test_forged_and_tampered_messages_run_nothing(
         kwargs={'_principal_id_': 'zope.bob'})]
     push(redis, repack(env, body))
     results['c-callback'] = (env['headers']['id'], 'does not match')
+    # Signed, an errback added: the refusal must not call it either.
+    env, body = capture(redis, 'c-errback')
+    body[2]['errbacks'] = [dict(
+        task('t.record').s('f-errback', 1),
+        kwargs={'_principal_id_': 'zope.bob'})]
+    push(redis, repack(env, body))
+    results['c-errback'] = (env['headers']['id'], 'does not match')
     # Signed for in an hour: made due now.
     env, body = capture(redis, 'c-eta', countdown=3600)
     push(redis, repack(env, eta=None))

@@ -76,7 +76,7 @@ def run(task, args, kwargs):
             # through a broker; that is known from how the run started,
             # never from the request (a message's embed can set
             # ``is_eager``).  The worker's consumer checked the message
-            # already (`z3c.celery.worker.strategy`); this is the check
+            # already (`z3c.celery.worker.guard`); this is the check
             # of the run itself.
             signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
