@@ -125,20 +125,13 @@ def test_forged_and_tampered_messages_run_nothing(
     push(redis, repack(env, body))
     results['f-args'] = (env['headers']['id'], 'does not match')
     # Signed, a callback added (it would be sent, and signed, by the
-    # worker).
-    env, body = capture(redis, 'c-callback')
-    body[2]['callbacks'] = [dict(
-        task('t.record').s('f-callback', 1),
-        kwargs={'_principal_id_': 'zope.bob'})]
-    push(redis, repack(env, body))
-    results['c-callback'] = (env['headers']['id'], 'does not match')
-    # Signed, an errback added: the refusal must not call it either.
-    env, body = capture(redis, 'c-errback')
-    body[2]['errbacks'] = [dict(
-        task('t.record').s('f-errback', 1),
-        kwargs={'_principal_id_': 'zope.bob'})]
-    push(redis, repack(env, body))
-    results['c-errback'] = (env['headers']['id'], 'does not match')
+    # worker), or an errback (the refusal must not call it either).
+    for part in ('callbacks', 'errbacks'):
+        env, body = capture(redis, f'c-{part}')
+        body[2][part] = [dict(task('t.record').s(f'f-{part}', 1),
+                              kwargs={'_principal_id_': 'zope.bob'})]
+        push(redis, repack(env, body))
+        results[f'c-{part}'] = (env['headers']['id'], 'does not match')
     # Signed for in an hour: made due now.
     env, body = capture(redis, 'c-eta', countdown=3600)
     push(redis, repack(env, eta=None))
