@@ -209,12 +209,96 @@ def alternate(runs, rounds):
     return times
 
 
+def measure(bench, say):
+    # Warm up every path once (imports, pools, first connections).
+    bench.plain_loop(50)
+    for name in ('after-commit', 'outbox', 'inline'):
+        bench.mode(name, 50)
+
+    print(f'1. one commit queuing {TASKS} tasks, {ROUNDS} rounds',
+          flush=True)
+    big = alternate([
+        ('plain Celery apply_async loop', bench.plain_loop),
+        ('after-commit', lambda: bench.mode('after-commit')),
+        ('outbox', lambda: bench.mode('outbox')),
+        ('no pipeline', bench.without_pipeline),
+    ], ROUNDS)
+    inline = alternate([('inline', lambda: bench.mode('inline'))], 3)
+    plain = median_ms(big['plain Celery apply_async loop'])
+    goals = {'after-commit': 0.5, 'outbox': 1.0}
+    say(f'### One transaction queuing {TASKS} tasks')
+    say()
+    say(f'Median of {ROUNDS} alternating rounds; time from the first '
+        '`delay()` to the end of `commit()` (a key written too), '
+        'against plain Celery\'s `apply_async` loop on the same Redis.')
+    say()
+    ratio_table(say, 'plain', ('plain Celery `apply_async` loop', plain),
+                [(f'`{name}`', median_ms(big[name]), goals[name])
+                 for name in ('after-commit', 'outbox')], '.1f')
+    ms = median_ms(big['no pipeline'])
+    say(f'| `after-commit` through one producer without pipelining '
+        f'(one Redis round trip per message; not shipped) | {ms:.1f} | '
+        f'{ms / plain:.2f} | | |')
+    ms = median_ms(inline['inline'])
+    say(f'| `inline` (runs the {TASKS} tasks here; not compared) | '
+        f'{ms:.1f} | ({ms / plain:.2f}) | | |')
+    say()
+
+    print(f'2. outbox commit of {SMALL} tasks, broker up / down, '
+          f'{SMALL_ROUNDS} rounds', flush=True)
+    small = alternate([
+        ('up', bench.outbox_up),
+        ('down, first commit', lambda: bench.outbox_down(True)),
+        ('down, later commits', lambda: bench.outbox_down(False)),
+    ], SMALL_ROUNDS)
+    reference = alternate(
+        [('ref', bench.after_commit_down_default_retry)], 3)
+    up = median_ms(small['up'])
+    say(f'### Outbox: a commit of {SMALL} tasks with the broker down')
+    say()
+    say(f'Median of {SMALL_ROUNDS} alternating rounds; the broker '
+        '"down" is a port nobody listens on (connection refused).')
+    say()
+    ratio_table(say, 'broker up', ('`outbox`, broker up', up),
+                [(f'`outbox`, broker {name}', median_ms(small[name]), 2.0)
+                 for name in ('down, first commit', 'down, later commits')],
+                '.2f')
+    ms = median_ms(reference['ref'])
+    say(f'| reference: `after-commit`, broker down, Celery\'s default '
+        f'publish retry (tasks lost) | {ms:.1f} | {ms / up:.1f} | | |')
+    say()
+
+
+def ratio_table(say, against, reference, rows, fmt):
+    """A table of median ms and ratios to *reference* with goals.
+
+    *reference* is ``(label, ms)``, *rows* ``(label, ms, goal)``; the
+    caller adds rows without a goal after it.
+    """
+    label, base = reference
+    say(f'| what | median ms | ratio vs {against} | goal | met |')
+    say('|---|---:|---:|---:|---|')
+    say(f'| {label} | {base:{fmt}} | 1.00 | | |')
+    for label, ms, goal in rows:
+        ratio = ms / base
+        say(f'| {label} | {ms:{fmt}} | {ratio:.2f} | <= {goal:.1f} | '
+            f'{"yes" if ratio <= goal else "NO"} |')
+
+
 def main():
+    return run_bench('sending', 'Sending side', RESULTS, measure)
+
+
+def run_bench(name, title, path, measure):
+    """Set up a `Bench`, call ``measure(bench, say)``, write the results.
+
+    ``say(text)`` prints a line of the results and keeps it.
+    """
     import logging
 
     # The broker-down runs log (with tracebacks) what they are meant to.
     logging.basicConfig(level=logging.CRITICAL)
-    directory = tempfile.mkdtemp(prefix='z3c-bench-sending-')
+    directory = tempfile.mkdtemp(prefix=f'z3c-bench-{name}-')
     bench = Bench(directory)
     lines = []
 
@@ -223,80 +307,20 @@ def main():
         lines.append(text)
 
     try:
-        # Warm up every path once (imports, pools, first connections).
-        bench.plain_loop(50)
-        for name in ('after-commit', 'outbox', 'inline'):
-            bench.mode(name, 50)
-
-        print(f'1. one commit queuing {TASKS} tasks, {ROUNDS} rounds',
-              flush=True)
-        big = alternate([
-            ('plain Celery apply_async loop', bench.plain_loop),
-            ('after-commit', lambda: bench.mode('after-commit')),
-            ('outbox', lambda: bench.mode('outbox')),
-            ('no pipeline', bench.without_pipeline),
-        ], ROUNDS)
-        inline = alternate([('inline', lambda: bench.mode('inline'))], 3)
-        plain = median_ms(big['plain Celery apply_async loop'])
-        goals = {'after-commit': 0.5, 'outbox': 1.0}
-        say(f'### One transaction queuing {TASKS} tasks')
-        say()
-        say(f'Median of {ROUNDS} alternating rounds; time from the first '
-            '`delay()` to the end of `commit()` (a key written too), '
-            'against plain Celery\'s `apply_async` loop on the same Redis.')
-        say()
-        say('| what | median ms | ratio vs plain | goal | met |')
-        say('|---|---:|---:|---:|---|')
-        say(f'| plain Celery `apply_async` loop | {plain:.1f} | 1.00 | | |')
-        for name in ('after-commit', 'outbox'):
-            ms = median_ms(big[name])
-            ratio = ms / plain
-            goal = goals[name]
-            say(f'| `{name}` | {ms:.1f} | {ratio:.2f} | <= {goal:.1f} | '
-                f'{"yes" if ratio <= goal else "NO"} |')
-        ms = median_ms(big['no pipeline'])
-        say(f'| `after-commit` through one producer without pipelining '
-            f'(one Redis round trip per message; not shipped) | {ms:.1f} | '
-            f'{ms / plain:.2f} | | |')
-        ms = median_ms(inline['inline'])
-        say(f'| `inline` (runs the {TASKS} tasks here; not compared) | '
-            f'{ms:.1f} | ({ms / plain:.2f}) | | |')
-        say()
-
-        print(f'2. outbox commit of {SMALL} tasks, broker up / down, '
-              f'{SMALL_ROUNDS} rounds', flush=True)
-        small = alternate([
-            ('up', bench.outbox_up),
-            ('down, first commit', lambda: bench.outbox_down(True)),
-            ('down, later commits', lambda: bench.outbox_down(False)),
-        ], SMALL_ROUNDS)
-        reference = alternate(
-            [('ref', bench.after_commit_down_default_retry)], 3)
-        up = median_ms(small['up'])
-        say(f'### Outbox: a commit of {SMALL} tasks with the broker down')
-        say()
-        say(f'Median of {SMALL_ROUNDS} alternating rounds; the broker '
-            '"down" is a port nobody listens on (connection refused).')
-        say()
-        say('| what | median ms | ratio vs broker up | goal | met |')
-        say('|---|---:|---:|---:|---|')
-        say(f'| `outbox`, broker up | {up:.2f} | 1.00 | | |')
-        for name in ('down, first commit', 'down, later commits'):
-            ms = median_ms(small[name])
-            ratio = ms / up
-            say(f'| `outbox`, broker {name} | {ms:.2f} | {ratio:.2f} | '
-                f'<= 2.0 | {"yes" if ratio <= 2.0 else "NO"} |')
-        ms = median_ms(reference['ref'])
-        say(f'| reference: `after-commit`, broker down, Celery\'s default '
-            f'publish retry (tasks lost) | {ms:.1f} | {ms / up:.1f} | | |')
-        say()
+        measure(bench, say)
     finally:
         bench.close()
         shutil.rmtree(directory, ignore_errors=True)
+    return write_results(path, title, name, lines)
+
+
+def write_results(path, title, name, lines):
+    """Write the Markdown *lines* of benchmark *name* to *path*; return
+    them as one text."""
     markdown = '\n'.join(lines) + '\n'
-    with open(RESULTS, 'w') as f:
-        f.write('# Sending side: benchmark results\n\n'
-                'Written by `python -m benchmarks sending` '
+    with open(path, 'w') as f:
+        f.write(f'# {title}: benchmark results\n\n'
+                f'Written by `python -m benchmarks {name}` '
                 f'({time.strftime("%Y-%m-%d %H:%M")}, '
                 f'{os.cpu_count()} cores, Python '
                 f'{sys.version.split()[0]}).\n\n' + markdown)

@@ -438,6 +438,13 @@ class Client:
     def new_document(self, name):
         self.data.documents[name] = exampleapp.Document(name)
 
+    def done_row(self, label):
+        """A progress row for a step that is over (no spinner)."""
+        row = self.progress.add_task(label, total=1)
+        # Only update() marks a row finished; add_task(completed=...)
+        # would leave its spinner turning to the end.
+        self.progress.update(row, completed=1)
+
     def wait(self, label, total, done, timeout=None):
         """Show a progress bar until ``done(snapshot)`` reaches *total*."""
         bar = self.progress.add_task(label, total=total)
@@ -498,8 +505,7 @@ class Client:
         transaction.abort()
         self.expect.not_published['aborted-existing'] = ('abort', result.id)
         self.expect.not_published['aborted-new'] = ('abort', result_new.id)
-        self.progress.add_task('Aborted: 2 tasks (checked at the end)',
-                               total=1, completed=1)
+        self.done_row('Aborted: 2 tasks (checked at the end)')
 
     def savepoint_rollback_drops_its_task(self):
         publish = self.task('publish')
@@ -569,7 +575,8 @@ class Client:
         broker.start()
         parts.record(f'{broker.label} (restarted)', broker.process.pid)
         self.progress.update(bar, total=1, completed=1, description=(
-            f'Broker was down {down_for:.1f} s, {peak} in outbox'))
+            f'Broker was down {down_for:.1f} s, {peak} in outbox; started '
+            f'again as a new process (pid {broker.process.pid})'))
         figures['max_commit'] = max(commit_times)
         figures['pending_peak'] = peak
         return self.wait('Broker back: the relay delivers',

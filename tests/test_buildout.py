@@ -158,3 +158,20 @@ def test_the_worker_command_accepts_the_options_bin_worker_passes(
     assert process.returncode == 0, process.stderr
     for option in options:
         assert option in process.stdout, option
+
+
+def test_versions_pin_what_an_extra_requires_exactly():
+    """zc.buildout picks each distribution once, the newest first: a
+    requirement pinned exactly by an extra (kombu's redis extra pins
+    packaging) conflicts with the newest version picked before, unless
+    ``[versions]`` pins it to the same."""
+    versions = dict(read_buildout().items('versions'))
+    pinned = {}
+    for requirement in importlib.metadata.requires('kombu') or ():
+        match = re.match(r'([A-Za-z0-9_.-]+)\s*==\s*([^;\s]+)\s*;.*extra\s*'
+                         r'==\s*"redis"', requirement)
+        if match:
+            pinned[match.group(1)] = match.group(2)
+    assert pinned, 'kombu[redis] pins nothing exactly any more: drop ' \
+        'the pins of [versions] that were there for it'
+    assert {name: versions.get(name) for name in pinned} == pinned

@@ -306,3 +306,36 @@ def test_each_way_inside_a_task_retried_for_a_conflict_inline(
     data = read_data(inline_site)
     assert {t: data.get(t, (None,))[:2] for t in expected} == {
         t: (1, 'zope.bob') for t in expected}
+
+
+# Every way a follow-up could be dropped says so
+
+
+def test_follow_ups_that_cannot_be_sent_are_named_in_an_error(
+        inline, caplog, monkeypatch):
+    """The window's commit fails (a dispatcher that cannot write, say):
+    each follow-up is logged with its name and id."""
+    from celery.app.task import Context
+    from z3c.celery.worker import follow_ups
+
+    class Broken:
+        def before_commit(self, app, txn, messages):
+            raise OSError('disk full')
+    add = task('t.add')
+    window = follow_ups.Window(add, Context(id='the-task'), None, 'zope.bob')
+    result = add.delay(1, 2)
+    monkeypatch.setattr(type(z3c.celery.CELERY), 'dispatcher',
+                        lambda app: Broken())
+    with caplog.at_level(logging.ERROR):
+        window.close()
+    assert f't.add[{result.id}]' in caplog.text
+    assert 'could not be sent' in caplog.text and 'LOST' in caplog.text
+    assert 't.add[the-task]' in caplog.text
+
+
+def test_a_task_this_process_cannot_run_inline_is_named(inline, caplog):
+    result = z3c.celery.CELERY.send_task('nowhere.registered', (1,))
+    with caplog.at_level(logging.ERROR):
+        transaction.commit()
+    assert f'nowhere.registered[{result.id}] is not registered' in \
+        caplog.text

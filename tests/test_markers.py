@@ -14,6 +14,7 @@ from celery.exceptions import Ignore
 
 import z3c.celery
 from z3c.celery import database
+from z3c.celery import signing
 from z3c.celery.interfaces import ITask
 from z3c.celery.worker import connection as worker_connection
 from z3c.celery.worker import markers
@@ -322,7 +323,9 @@ class FakeTask:
 @pytest.mark.parametrize('info, expected', [
     ({}, False),
     ({'retries': 1}, False),
-    ({'is_eager': True}, True),
+    # A request saying it is eager is not known to run in-process: a
+    # message's embed can say so (see signing.in_process).
+    ({'is_eager': True}, False),
     ({'delivery_info': {'redelivered': True}}, True),
     ({'redelivered': True}, True),
     ({markers.RESENT_HEADER: True}, True),
@@ -330,6 +333,12 @@ class FakeTask:
 def test_which_runs_may_repeat_an_earlier_delivery(info, expected):
     task = FakeTask('redis://127.0.0.1:1/0')
     assert markers.maybe_repeated(task, request(**info)) is expected
+
+
+def test_runs_started_in_process_may_repeat_an_earlier_delivery():
+    task = FakeTask('redis://127.0.0.1:1/0')
+    with signing.in_process():
+        assert markers.maybe_repeated(task, request(is_eager=True)) is True
 
 
 @pytest.mark.parametrize('url, expected', [

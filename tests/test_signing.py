@@ -18,7 +18,9 @@ from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
 from z3c.celery.signing import signature
+from z3c.celery.signing import message_signature
 from z3c.celery.signing import verify
+from z3c.celery.signing import verify_message
 
 
 SECRET = 'sixteen chars or more'
@@ -133,11 +135,93 @@ def test_sent_messages_carry_a_valid_signature(load_zcml, login):
     [first, second] = list(sent_messages(app))
     args, kwargs, _ = first.decode()
     assert kwargs['_principal_id_'] == 'zope.bob'
-    verify(SECRET, 't.record', Request(result.id, first.headers[HEADER]),
-           args, kwargs)
-    args, kwargs, _ = second.decode()
-    verify(SECRET, 'by.name', Request(other.id, second.headers[HEADER]),
-           args, kwargs)
+    assert first.headers['id'] == result.id
+    verify_message(SECRET, first.headers, first.decode())
+    assert second.headers['id'] == other.id
+    verify_message(SECRET, second.headers, second.decode())
+
+
+def message_parts(**headers):
+    body = [[1, 'two'], {'_principal_id_': 'zope.alice'},
+            {'callbacks': None, 'errbacks': None, 'chain': None,
+             'chord': None}]
+    return dict({'task': 't.x', 'id': 'id-1', 'eta': None,
+                 'expires': None, 'retries': 0, 'group': None,
+                 'timelimit': [None, None], 'root_id': 'id-1',
+                 'parent_id': None, 'ignore_result': False}, **headers), body
+
+
+CALLBACK = {'task': 't.other', 'args': ['x'], 'kwargs': {},
+            'options': {}, 'subtask_type': None, 'immutable': True}
+
+
+@pytest.mark.parametrize('change', [
+    ('header', 'eta', '2030-01-01T00:00:00+00:00'),
+    ('header', 'expires', '2030-01-01T00:00:00+00:00'),
+    ('header', 'retries', 3),
+    ('header', 'group', 'a-group'),
+    ('header', 'timelimit', [1, None]),
+    ('header', 'id', 'id-2'),
+    ('header', 'task', 't.other'),
+    ('header', 'root_id', 'id-0'),
+    ('header', 'shadow', 'harmless.looking'),
+    ('embed', 'callbacks', [CALLBACK]),
+    ('embed', 'errbacks', [CALLBACK]),
+    ('embed', 'chain', [CALLBACK]),
+    ('embed', 'chord', CALLBACK),
+    ('args', None, [1, 'three']),
+    ('kwargs', None, {'_principal_id_': 'zope.admin'}),
+])
+def test_a_signed_message_changed_in_any_covered_part_is_refused(change):
+    headers, body = message_parts()
+    headers[HEADER] = message_signature(SECRET, headers, body)
+    verify_message(SECRET, headers, body)
+    where, name, value = change
+    if where == 'header':
+        headers[name] = value
+    elif where == 'embed':
+        body[2][name] = value
+    else:
+        body[0 if where == 'args' else 1] = value
+    with pytest.raises(InvalidSignature, match='does not match'):
+        verify_message(SECRET, headers, body)
+
+
+def test_unset_fields_sign_as_missing_ones():
+    """Celery's request defaults (retries 0, no time limit) and a
+    message without those headers give one signature."""
+    headers, body = message_parts()
+    bare = {'task': 't.x', 'id': 'id-1', 'root_id': 'id-1'}
+    assert message_signature(SECRET, headers, body) == \
+        message_signature(SECRET, bare, body)
+
+
+def test_a_v1_signature_is_refused():
+    headers, body = message_parts()
+    headers[HEADER] = 'v1:' + signature(SECRET, 't.x', 'id-1', body[0],
+                                         body[1]).partition(':')[2]
+    with pytest.raises(InvalidSignature, match='unknown version'):
+        verify_message(SECRET, headers, body)
+
+
+def test_is_eager_from_a_message_does_not_make_a_run_in_process(
+        load_zcml, db, login):
+    """Only how a run started says it is in-process: a request that
+    claims ``is_eager`` (as a message's embed can) is still checked."""
+    from z3c.celery import signing
+    from z3c.celery.worker import runner
+    load_zcml(CONFIG)
+    task = z3c.celery.CELERY.tasks['t.record']
+    task.push_request(id='id-9', is_eager=True, called_directly=False)
+    try:
+        assert not signing.is_in_process()
+        with pytest.raises(InvalidSignature, match='not signed'):
+            runner.run(task, ('k', 1), {'_principal_id_': 'zope.bob'})
+    finally:
+        task.pop_request()
+    with signing.in_process():
+        assert signing.is_in_process()
+    assert not signing.is_in_process()
 
 
 def test_no_secret_no_signature(load_zcml, login):

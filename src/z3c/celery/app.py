@@ -42,6 +42,7 @@ _MISSING = object()
 #: never imports them: Celery imports a step when a worker is built.
 ZOPE_ENVIRONMENT_STEP = 'z3c.celery.worker.bootsteps:ZopeEnvironment'
 OUTBOX_RELAY_STEP = 'z3c.celery.outbox.relay:OutboxRelayStep'
+MESSAGE_GUARD_STEP = 'z3c.celery.worker.guard:MessageGuard'
 
 
 class _UserOptions(defaultdict):
@@ -89,6 +90,8 @@ class ZopeCelery(celery.Celery):
         self.user_options = _UserOptions()
         self.steps['worker'].add(ZOPE_ENVIRONMENT_STEP)
         self.steps['worker'].add(OUTBOX_RELAY_STEP)
+        # Checks what arrives before Celery reads it (poison, forgeries).
+        self.steps['consumer'].add(MESSAGE_GUARD_STEP)
 
     def z3c_setting(self, name):
         """Return one of our settings (see `z3c.celery.settings`)."""
@@ -142,13 +145,16 @@ class ZopeCelery(celery.Celery):
         if principal_id is _MISSING:
             principal_id = current_principal_id()
         check_serializable(name, args, kwargs, options.get('serializer')
-                           or self.conf.task_serializer)
+                           or self.conf.task_serializer,
+                           self.z3c_setting('message_size_limit'))
         task_id = options.pop('task_id', None) or uuid()
         message = TaskMessage(name, args, kwargs, options, task_id,
                               principal_id)
-        message.result = QueuedResult(task_id, task_name=name, app=self)
+        # The message keeps a weak reference only: the caller holds it.
+        result = message.result = QueuedResult(task_id, task_name=name,
+                                               app=self)
         queue.queue_message(self, message)
-        return message.result
+        return result
 
     def send_task_now(self, name, args=None, kwargs=None, **options):
         """Celery's ``send_task``, at once, with our message headers.
@@ -164,9 +170,10 @@ class ZopeCelery(celery.Celery):
                                       **{TID_HEADER: token})
         secret = self.z3c_setting('signing_secret')
         if secret:
-            options['task_id'] = options.get('task_id') or uuid()
-            signing.sign_options(secret, name, options['task_id'], args,
-                                 kwargs, options)
+            # Signed from the message as Celery builds it (times made
+            # absolute, follow-ups in its body): see `signing`.
+            with signing.signing_with(secret):
+                return super().send_task(name, args, kwargs, **options)
         return super().send_task(name, args, kwargs, **options)
 
 
@@ -318,10 +325,21 @@ class TransactionAwareTask(celery.Task):
         message = TaskMessage(
             self.name, args, kwargs, exec_options, task_id or uuid(),
             principal_id)
-        message.result = QueuedResult(
+        # The message keeps a weak reference only (see TaskMessage.result).
+        result = message.result = QueuedResult(
             message.task_id, task_name=self.name, app=self.app)
         queue.queue_message(self.app, message)
-        return message.result
+        return result
+
+    def apply(self, *args, **kw):
+        """Celery's ``apply``: run here and now, known as in-process.
+
+        The run did not travel through a broker, so no signature is
+        checked (see `z3c.celery.signing.in_process`; Celery's own
+        ``request.is_eager`` is not trusted, a message can set it).
+        """
+        with signing.in_process():
+            return super().apply(*args, **kw)
 
     def check_call(self, args, kwargs, options):
         """Fail now (TypeError) on arguments the task cannot be sent with."""
@@ -332,7 +350,8 @@ class TransactionAwareTask(celery.Task):
                 raise TypeError(f'{self.name}: {e}') from None
         check_serializable(
             self.name, args, kwargs, options.get('serializer')
-            or self.serializer or self.app.conf.task_serializer)
+            or self.serializer or self.app.conf.task_serializer,
+            self.app.z3c_setting('message_size_limit'))
 
     def __call__(self, *args, **kwargs):
         return runner.run(self, args, kwargs)
@@ -361,13 +380,19 @@ class TransactionAwareTask(celery.Task):
         return self.request.id
 
 
-def check_serializable(task_name, args, kwargs, serializer):
-    """Raise a `TypeError` naming the argument *serializer* cannot take."""
+def check_serializable(task_name, args, kwargs, serializer, limit=None):
+    """Raise a `TypeError` naming the argument *serializer* cannot take,
+    or saying the arguments take more than *limit* bytes."""
     try:
-        kombu.serialization.dumps((args, kwargs), serializer)
+        _, _, data = kombu.serialization.dumps((args, kwargs), serializer)
     except (kombu.exceptions.EncodeError, TypeError, ValueError):
         pass
     else:
+        if limit and len(data) > limit:
+            raise TypeError(
+                f'{task_name}: the arguments take {len(data)} bytes '
+                f'serialized with {serializer!r}, more than '
+                f'message_size_limit ({limit} bytes)')
         return
     for index, value in enumerate(args):
         _check_value(task_name, serializer, f'argument {index}', value)

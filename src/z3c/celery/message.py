@@ -5,12 +5,36 @@ side builds a `TaskMessage` and publishes it with these headers; the
 outbox stores it as a record and turns the record back into a message; the
 worker reads the headers.  See docs/design.rst.
 """
+import datetime
+import weakref
+
 from z3c.celery import database
 
 
 #: Extended-info key under which a transaction records the ids of the
-#: tasks it queued.
+#: tasks it queued: the first `TASK_IDS_KEPT` of them.
 TASK_IDS_KEY = 'z3c.celery.task_ids'
+
+#: Extended-info key: how many tasks the transaction queued (all of them).
+TASK_COUNT_KEY = 'z3c.celery.task_count'
+
+#: At most this many task ids go into a transaction's extended info.
+#: FileStorage stores at most 65,535 bytes of it per transaction (ZEO and
+#: RelStorage pass it on alike), shared with the application's own
+#: entries: about 1,450 ids would fill it, and the commit would fail.
+#: 100 ids take about 4 KB.
+TASK_IDS_KEPT = 100
+
+
+def record_task_ids(extension, task_ids):
+    """Add *task_ids* to a transaction's *extension* (bounded)."""
+    count = extension.get(TASK_COUNT_KEY, 0) + len(task_ids)
+    ids = list(extension.get(TASK_IDS_KEY, ()))
+    room = TASK_IDS_KEPT - len(ids)
+    if room > 0:
+        ids.extend(task_ids[:room])
+    extension[TASK_IDS_KEY] = ids
+    extension[TASK_COUNT_KEY] = count
 
 #: Header: the last transaction id the sender knew of its database (hex),
 #: so that the worker reads at least that state (`commit_token`).
@@ -38,7 +62,7 @@ class TaskMessage:
     """One queued task: everything needed to publish it (or run it)."""
 
     __slots__ = ('name', 'args', 'kwargs', 'options', 'task_id',
-                 'principal_id', 'result')
+                 'principal_id', '_result')
 
     def __init__(self, name, args, kwargs, options, task_id, principal_id):
         self.name = name
@@ -47,7 +71,19 @@ class TaskMessage:
         self.options = options
         self.task_id = task_id
         self.principal_id = principal_id
-        self.result = None
+        self._result = None
+
+    @property
+    def result(self):
+        """The result object ``delay()`` returned, while its caller keeps
+        it (``None`` after; a weak reference: a transaction queuing many
+        tasks whose results nobody keeps does not hold them all)."""
+        ref = self._result
+        return None if ref is None else ref()
+
+    @result.setter
+    def result(self, result):
+        self._result = None if result is None else weakref.ref(result)
 
     @property
     def message_kwargs(self):
@@ -95,22 +131,51 @@ def commit_token(app):
 # module and `z3c.celery.outbox.store` know its keys.
 
 
+def absolute_times(options, now):
+    """*options* with ``countdown`` and an ``expires`` in seconds made
+    absolute from *now* (the commit's time for a stored record): a copy
+    if it has any, else *options* itself.
+
+    So a message that leaves late (the outbox relay after an outage) runs
+    and expires when it would have had it left at commit: ``countdown=60``
+    becomes an ``eta`` a minute after the commit, ``expires=15`` a time
+    15 seconds after the commit, and a relay that sends it later still
+    sends these times.
+    """
+    countdown = options.get('countdown')
+    expires = options.get('expires')
+    if countdown is None and not isinstance(expires, (int, float)):
+        return options
+    options = dict(options)
+    start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    if countdown is not None:
+        del options['countdown']
+        if options.get('eta') is None:
+            options['eta'] = start + datetime.timedelta(seconds=countdown)
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        options['expires'] = start + datetime.timedelta(seconds=expires)
+    return options
+
+
 def make_record(message, now, seq=0):
     """The stored form of *message*.
 
     *seq* is the message's place among those of its transaction: with
-    ``created`` it keeps the order in which they were queued.
+    ``created`` it keeps the order in which they were queued.  A record
+    never changes once written; what the relay knows of it (claims,
+    failed attempts) is kept apart (`z3c.celery.outbox.store`).  It
+    shares the message's arguments and options (``delay()`` made them
+    for the message; nobody changes them afterwards): a transaction of
+    many tasks holds them once.
     """
     return {
         'name': message.name,
-        'args': tuple(message.args),
-        'kwargs': dict(message.kwargs),
-        'options': dict(message.options),
+        'args': message.args,
+        'kwargs': message.kwargs,
+        'options': absolute_times(message.options, now),
         'principal_id': message.principal_id,
         'created': now,
         'seq': seq,
-        'attempts': 0,
-        'next_try': 0.0,
     }
 
 

@@ -190,11 +190,20 @@ class ICeleryConfigBase(zope.interface.Interface):
     signing_secret = zope.schema.TextLine(
         title='Message signing secret',
         description='Sign every task message with this secret (HMAC-SHA256 '
-                    'over task name, id, arguments and principal id); a '
+                    'over task name, id, arguments, principal id, times, '
+                    'retries and follow-up tasks); a '
                     'worker with it refuses messages not signed with it.  '
                     'Set the same secret on the sending and the worker '
                     'side.  Default: none (messages are not signed).',
         required=False, min_length=16)
+
+    message_size_limit = zope.schema.Int(
+        title='Largest message',
+        description='Bytes the serialized arguments of one task may take: '
+                    'delay() refuses more (TypeError naming the limit), a '
+                    'worker refuses a message body of more.  0: no limit.  '
+                    'Default: 4194304 (4 MiB).',
+        required=False, min=0)
 
 
 #: Names that are ours, not Celery's (``file`` and ``module`` excluded).

@@ -43,6 +43,9 @@ DEFAULTS = {
     # Message signing (z3c.celery.signing): a secret shared by senders and
     # workers; with it, workers refuse messages not signed with it.
     'signing_secret': None,
+    # Largest serialized arguments of one task (bytes): delay() refuses
+    # more, a worker refuses a message body of more (0: no limit).
+    'message_size_limit': 4 * 1024 * 1024,
     # 1.x settings, still honoured.
     'ZOPE_CONF': None,
     'LOGGING_INI': None,

@@ -62,8 +62,8 @@ class OutboxDispatcher:
             self._no_database(app)
             state.fallback = True
             return
-        key, connection = store.write_records(txn, db, messages)
-        state.target = (db, key, connection)
+        key, connection, fresh = store.write_records(txn, db, messages)
+        state.target = (db, key, connection, fresh)
 
     def after_commit(self, app, messages):
         state = self._state
@@ -77,7 +77,7 @@ class OutboxDispatcher:
                       'publishing without a copy', len(messages))
             AfterCommitDispatcher().after_commit(app, messages)
             return
-        db, key, connection = target
+        db, key, connection, fresh = target
         if time.monotonic() < self._hold_until:
             counters.add('deferred', len(messages))
             log.info('Broker unavailable a moment ago: %d task(s) wait in '
@@ -96,7 +96,8 @@ class OutboxDispatcher:
         if len(unsent) < len(messages):
             unsent_ids = {m.task_id for m in unsent}
             if store.remove_records(db, key, [m.task_id for m in messages
-                                        if m.task_id not in unsent_ids]):
+                                        if m.task_id not in unsent_ids],
+                                    whole_lane=fresh and not unsent):
                 _refresh(connection)
 
     def _no_database(self, app):

@@ -140,7 +140,7 @@ class Relay:
         txn = manager.begin()
         txn.note(f'z3c.celery outbox relay: claim {len(due)} record(s)')
         claimed = store.claim(store.get_outbox(connection), due,
-                              now + CLAIM_LEASE)
+                              now + CLAIM_LEASE, now)
         try:
             manager.commit()
         except ZODB.POSException.ConflictError:

@@ -1,9 +1,18 @@
 """The outbox in the ZODB: its records, and every write to them.
 
 Lanes of records, one lane per committing thread, so that concurrent
-committers never write the same B-tree bucket; dead letters apart.  Only
-this module (and `z3c.celery.message` for a record's fields) knows the
-layout; the dispatcher and the relay call the functions here.  See
+committers never write the same B-tree bucket; dead letters apart.  A
+record never changes once written: what the relays know of it lives in
+trees of their own that no committer writes, ``claims`` (task id: until
+when a relay publishes it) and ``tries`` (task id: failed attempts, next
+try, last error).  A relay writes a lane only to delete the records it
+published (or gave up on), which B-trees merge with a committer's inserts
+of other keys; while the broker is away it writes no lane at all.  Two
+relays that claim one record write the same key of ``claims``, which
+never merges: one of them gets the ConflictError and publishes nothing.
+
+Only this module (and `z3c.celery.message` for a record's fields) knows
+the layout; the dispatcher and the relay call the functions here.  See
 docs/dispatch.rst for the design.
 """
 import logging
@@ -42,9 +51,40 @@ LANE_RETENTION = 7 * 24 * 3600.0
 class Outbox(persistent.Persistent):
     """The outbox of one database."""
 
+    # Written by the relays only (created on first use: outboxes of
+    # earlier versions have none).
+    claims = None    # task id -> claimed until (time)
+    tries = None     # task id -> (attempts, next try, last error)
+
     def __init__(self):
         self.lanes = OOBTree()
         self.dead = OOBTree()
+
+
+def _relay_tree(outbox, name):
+    tree = getattr(outbox, name)
+    if tree is None:
+        tree = OOBTree()
+        setattr(outbox, name, tree)
+    return tree
+
+
+def _tries(outbox, task_id):
+    tries = outbox.tries
+    found = tries.get(task_id) if tries is not None else None
+    return found if found is not None else (0, 0.0, None)
+
+
+def with_state(outbox, task_id, record):
+    """A copy of *record* with what the relays know of it."""
+    attempts, next_try, error = _tries(outbox, task_id)
+    copy = dict(record, attempts=attempts, next_try=next_try)
+    if error is not None:
+        copy['error'] = error
+    claims = outbox.claims
+    if claims is not None and task_id in claims:
+        copy['claimed_until'] = claims[task_id]
+    return copy
 
 
 class Lane(persistent.Persistent):
@@ -114,7 +154,10 @@ def _closer(connection):
 def write_records(txn, db, messages, key=None, now=None):
     """Store *messages* in the lane *key* of *db*'s outbox, within *txn*.
 
-    Returns ``(lane key, connection written through)``.
+    Returns ``(lane key, connection written through, fresh)``; *fresh*
+    is true when the lane held no record before: the lane then holds the
+    records of *messages* only (only this thread adds to it), and
+    `remove_records` can empty it without reading it.
     """
     key = key or lane_key()
     now = time.time() if now is None else now
@@ -130,17 +173,20 @@ def write_records(txn, db, messages, key=None, now=None):
     elif now - lane.touched > TOUCH_INTERVAL:
         lane.touched = now
     records = lane.records
+    fresh = not records
     for seq, message in enumerate(messages):
         records[message.task_id] = make_record(message, now, seq)
-    return key, connection
+    return key, connection, fresh
 
 
-def remove_records(db, key, task_ids, attempts=5):
+def remove_records(db, key, task_ids, attempts=5, whole_lane=False):
     """Delete the records *task_ids* of lane *key* (they were sent).
 
     Runs in a short transaction of its own (own transaction manager and
     connection), retried on conflicts.  Returns true on success; on failure
     the records stay and the relay sends them once more (same task ids).
+    With *whole_lane* (the lane holds these records only, see
+    `write_records`), the lane is emptied without reading its records.
     """
     task_ids = set(task_ids)
     manager = transaction.TransactionManager()
@@ -154,7 +200,9 @@ def remove_records(db, key, task_ids, attempts=5):
                 lane = outbox.lanes.get(key) if outbox is not None else None
                 if lane is not None:
                     records = lane.records
-                    if len(records) == len(task_ids) and all(
+                    if whole_lane:
+                        records.clear()
+                    elif len(records) == len(task_ids) and all(
                             task_id in records for task_id in task_ids):
                         # All of the lane: one write instead of one per
                         # bucket.  Safe, as only this thread adds here.
@@ -212,7 +260,7 @@ def pending_records(db):
         outbox = get_outbox(connection)
         if outbox is None:
             return {}
-        return {task_id: dict(record)
+        return {task_id: with_state(outbox, task_id, record)
                 for lane in outbox.lanes.values()
                 for task_id, record in lane.records.items()}
 
@@ -242,6 +290,8 @@ def due_records(outbox, now, cutoff, force, lane_retention):
     """
     due = []
     abandoned = []
+    claims = outbox.claims or {}
+    tries = outbox.tries or {}
     for key, lane in outbox.lanes.items():
         records = lane.records
         if not records:
@@ -249,37 +299,44 @@ def due_records(outbox, now, cutoff, force, lane_retention):
                 abandoned.append(key)
             continue
         for task_id, record in records.items():
-            if record.get('claimed_until', 0.0) > now:
+            if claims.get(task_id, 0.0) > now:
                 continue
-            if not force and (record['created'] > cutoff
-                              or record['next_try'] > now):
-                continue
+            if not force:
+                if record['created'] > cutoff:
+                    continue
+                state = tries.get(task_id)
+                if state is not None and state[1] > now:
+                    continue
             due.append((queue_order(record), key, task_id))
     due.sort(key=lambda item: item[0])
     return [(key, task_id) for _, key, task_id in due], abandoned
 
 
-def claim(outbox, due, until):
+def claim(outbox, due, until, now):
     """Claim the records *due* (``(lane key, task id)``) until *until*.
 
-    Returns ``(lane key, task id, record)`` of those still there.
+    Looks again, in the claiming transaction, whether each record is still
+    there and unclaimed at *now* (another relay may have claimed or sent
+    it since the caller looked).  Returns ``(lane key, task id, record)``
+    of those claimed.  Writes ``claims`` only: two relays that claim the
+    same record conflict there, and the second publishes nothing.
     """
+    claims = _relay_tree(outbox, 'claims')
     claimed = []
     for key, task_id in due:
         lane = outbox.lanes.get(key)
         record = lane.records.get(task_id) if lane is not None else None
-        if record is None:
+        if record is None or claims.get(task_id, 0.0) > now:
             continue
-        lane.records[task_id] = dict(record, claimed_until=until)
+        claims[task_id] = until
         claimed.append((key, task_id, record))
     return claimed
 
 
-def _record(outbox, key, task_id):
-    lane = outbox.lanes.get(key)
-    if lane is None:
-        return None, None
-    return lane, lane.records.get(task_id)
+def _forget(outbox, task_id):
+    for tree in (outbox.claims, outbox.tries):
+        if tree is not None:
+            tree.pop(task_id, None)
 
 
 def remove_sent(outbox, key, task_id):
@@ -287,13 +344,14 @@ def remove_sent(outbox, key, task_id):
     lane = outbox.lanes.get(key)
     if lane is not None:
         lane.records.pop(task_id, None)
+    _forget(outbox, task_id)
 
 
 def release(outbox, key, task_id):
     """End the claim on a record that could not be published yet."""
-    lane, record = _record(outbox, key, task_id)
-    if record is not None:
-        lane.records[task_id] = dict(record, claimed_until=0.0)
+    claims = outbox.claims
+    if claims is not None:
+        claims.pop(task_id, None)
 
 
 def record_failure(outbox, key, task_id, error, now, max_attempts,
@@ -303,18 +361,22 @@ def record_failure(outbox, key, task_id, error, now, max_attempts,
     After *max_attempts* failures the record moves to the dead letters;
     before, it is due again after ``delay(attempts)`` seconds.
     """
-    lane, record = _record(outbox, key, task_id)
+    lane = outbox.lanes.get(key)
+    record = lane.records.get(task_id) if lane is not None else None
     if record is None:
+        _forget(outbox, task_id)
         return False
-    attempts = record['attempts'] + 1
-    record = dict(record, attempts=attempts, claimed_until=0.0,
-                  error=f'{type(error).__name__}: {error}')
+    attempts = _tries(outbox, task_id)[0] + 1
+    text = f'{type(error).__name__}: {error}'
     if attempts >= max_attempts:
         del lane.records[task_id]
-        outbox.dead[task_id] = dict(record, died=now, lane=lane.key)
+        _forget(outbox, task_id)
+        outbox.dead[task_id] = dict(record, attempts=attempts, error=text,
+                                    died=now, lane=lane.key)
         return True
-    record['next_try'] = now + delay(attempts)
-    lane.records[task_id] = record
+    release(outbox, key, task_id)
+    _relay_tree(outbox, 'tries')[task_id] = (
+        attempts, now + delay(attempts), text)
     return False
 
 
@@ -353,9 +415,10 @@ def retry_dead_letters(db, task_ids=None):
             lane = outbox.lanes[RETRY_LANE] = Lane(RETRY_LANE)
         for task_id in ids:
             record = dict(outbox.dead.pop(task_id))
-            for name in ('died', 'lane', 'claimed_until'):
+            for name in ('died', 'lane', 'claimed_until', 'attempts',
+                         'next_try', 'error'):
                 record.pop(name, None)
-            record.update(attempts=0, next_try=0.0)
+            _forget(outbox, task_id)
             lane.records[task_id] = record
         return ids
 
@@ -376,4 +439,7 @@ def purge(db, pending=False):
             for lane in outbox.lanes.values():
                 removed += len(lane.records)
                 lane.records.clear()
+            for tree in (outbox.claims, outbox.tries):
+                if tree is not None:
+                    tree.clear()
         return dead, removed

@@ -17,6 +17,7 @@ from celery.utils.functional import maybe_list
 from celery.utils.nodenames import gethostname
 
 from z3c.celery import events
+from z3c.celery import signing
 from z3c.celery.interfaces import IDispatcher
 from z3c.celery.message import describe
 from z3c.celery.sending.publish import counters
@@ -89,10 +90,12 @@ class InlineDispatcher:
                 args, kwargs = _roundtrip(app, message)
             else:
                 args, kwargs = message.args, message.message_kwargs
-            outcome = apply_in_process(task, args, kwargs, message)
+            with signing.in_process():
+                outcome = apply_in_process(task, args, kwargs, message)
             events.notify(events.TaskSent, message)
-            if message.result is not None:
-                message.result.set_outcome(outcome)
+            result = message.result
+            if result is not None:
+                result.set_outcome(outcome)
             if outcome.failed():
                 log.error('Task %s[%s] failed (run inline): %r',
                           message.name, message.task_id, outcome.result)

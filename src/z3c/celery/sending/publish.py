@@ -71,20 +71,32 @@ def _batch(producer):
         else contextlib.nullcontext()
 
 
-def _result_cls(message):
+class _Unkept:
+    """What ``send_task`` returns for a message whose result nobody keeps
+    (a real result object would be made and dropped at once)."""
+
+    parent = ignored = None
+
+
+_UNKEPT = _Unkept()
+
+
+def _result_cls(message, placeholder):
     """What ``send_task`` should make the message's result object of.
 
-    The result ``delay()`` returned, when there is one: a result backend
-    that pushes results (Redis) subscribes to the task's result when it is
-    sent, until the result object is dropped.  With a result object of its
-    own that ``send_task`` would make and we would drop at once, the
-    subscription would end right away, and a caller waiting on the result
-    of ``delay()`` would have to subscribe again.
+    The result ``delay()`` returned while its caller keeps it; else, with
+    *placeholder*, a placeholder (`publish` does not return results); else
+    Celery's own (in a running task, Celery adds it to the task's
+    children).
     """
     result = message.result
     if result is None:
-        return None
+        return _unkept if placeholder else None
     return lambda task_id: result
+
+
+def _unkept(task_id):
+    return _UNKEPT
 
 
 class _Publishing(threading.local):
@@ -92,6 +104,32 @@ class _Publishing(threading.local):
 
 
 _publishing = _Publishing()
+
+
+def _no_subscription_at_publish(app):
+    """Keep the result backend out of `publish`.
+
+    Celery's ``send_task`` has a result backend that pushes results
+    (Redis) subscribe to the task's result before the message leaves; with
+    that backend away, its reconnect loop (20 tries, 1 s apart) held a
+    commit up to 20 s, although the message itself is kept in the outbox.
+    Messages that `publish` sends subscribe when somebody asks for their
+    result instead (``AsyncResult.get()`` subscribes, then reads what was
+    stored meanwhile), so publishing needs the broker only.  Installed
+    once on the app's backend; other sends (not through `publish`) keep
+    Celery's behaviour.
+    """
+    backend = app.backend
+    on_task_call = getattr(backend, 'on_task_call', None)
+    if on_task_call is None or getattr(on_task_call, 'z3c', False):
+        return
+
+    def on_task_call_outside_publish(producer, task_id):
+        if _publishing.active:
+            return None
+        return on_task_call(producer, task_id)
+    on_task_call_outside_publish.z3c = True
+    backend.on_task_call = on_task_call_outside_publish
 
 
 @celery.signals.before_task_publish.connect(weak=False)
@@ -125,6 +163,64 @@ def _forget_errback(producer):
         del options['errback']
 
 
+#: Argument types whose ``repr`` is what Celery's ``saferepr`` makes of
+#: them (when short enough).
+_PLAIN = frozenset([int, float, bool, str, type(None)])
+
+#: Celery's limit of ``argsrepr`` and ``kwargsrepr`` (characters).
+_REPR_MAX = 1024
+
+
+def _plain_repr(value, items):
+    """``repr(value)`` if *items* are all plain and short, else ``None``."""
+    for item in items:
+        kind = type(item)
+        if kind not in _PLAIN or (kind is str and len(item) > 100):
+            return None
+    text = repr(value)
+    return text if len(text) <= _REPR_MAX else None
+
+
+class _Options:
+    """The options `publish` hands ``send_task`` for each message.
+
+    Two costs of Celery's per message are paid once here: kombu declares
+    a message's queue before each publish (a no-op after the first, but
+    one that copies the queue and its exchange each time: a sixth of the
+    time of a large batch), so where routing depends on the message's
+    options only (no ``task_routes``), the first message to a destination
+    declares it and the others pass ``declare=()``; and Celery's
+    ``saferepr`` of the arguments (for logs and monitors) is, for short
+    arguments of plain types, their ``repr``, which is what it would
+    make of them.
+    """
+
+    def __init__(self, app):
+        self.enabled = not app.conf.task_routes
+        self.seen = set()
+
+    def options(self, message, send_options):
+        options = message.options
+        extra = dict(send_options) if send_options else {}
+        if 'argsrepr' not in options:
+            args, kwargs = message.args, message.message_kwargs
+            argsrepr = _plain_repr(args, args)
+            kwargsrepr = argsrepr is not None and _plain_repr(
+                kwargs, [k for item in kwargs.items() for k in item])
+            if kwargsrepr:
+                extra['argsrepr'] = argsrepr
+                extra['kwargsrepr'] = kwargsrepr
+        if self.enabled and 'declare' not in options:
+            destination = (message.name, options.get('queue'),
+                           options.get('exchange'),
+                           options.get('routing_key'))
+            if destination in self.seen:
+                extra['declare'] = ()
+            else:
+                self.seen.add(destination)
+        return dict(options, **extra) if extra else options
+
+
 def publish(app, messages, producer=None, **send_options):
     """Publish *messages* through one producer; return those not sent.
 
@@ -146,6 +242,9 @@ def publish(app, messages, producer=None, **send_options):
         return unsent
     sent = 0
     current = None
+    _no_subscription_at_publish(app)
+    per_message = _Options(app)
+    placeholder = app.current_worker_task is None
     _publishing.active = True
     try:
         with app.producer_or_acquire(producer) as producer:
@@ -154,14 +253,13 @@ def publish(app, messages, producer=None, **send_options):
                 with _batch(producer):
                     for message in chunk:
                         current = message
-                        options = message.options
-                        if send_options:
-                            options = dict(options, **send_options)
+                        options = per_message.options(message, send_options)
                         app.send_task_now(
                             message.name, message.args,
                             message.message_kwargs,
                             task_id=message.task_id, producer=producer,
-                            result_cls=_result_cls(message), **options)
+                            result_cls=_result_cls(message, placeholder),
+                            **options)
                     current = None
                 sent += len(chunk)
                 for message in chunk:

@@ -20,7 +20,7 @@ from zope.security.management import queryInteraction
 
 from z3c.celery import database
 from z3c.celery import events
-from z3c.celery.message import TASK_IDS_KEY
+from z3c.celery.message import record_task_ids
 from z3c.celery.message import describe
 
 
@@ -76,9 +76,7 @@ class TaskQueue:
             return
         if self._dispatcher is None:
             self._dispatcher = self.app.dispatcher()
-        ids = list(self._txn.extension.get(TASK_IDS_KEY, ()))
-        ids.extend(m.task_id for m in new)
-        self._txn.extension[TASK_IDS_KEY] = ids
+        record_task_ids(self._txn.extension, [m.task_id for m in new])
         self._dispatcher.before_commit(self.app, self._txn, new)
 
     def _after_commit(self, status):

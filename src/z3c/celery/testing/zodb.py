@@ -61,7 +61,8 @@ def last_transaction_info(db):
     """The extended info of *db*'s last committed transaction (a dict).
 
     The ids of the tasks it queued are under
-    ``z3c.celery.message.TASK_IDS_KEY``; a task's own transaction has
+    ``z3c.celery.message.TASK_IDS_KEY`` (the first `TASK_IDS_KEPT`), how
+    many under ``TASK_COUNT_KEY``; a task's own transaction has
     ``task_name`` and ``task_id``.
     """
     storage = db.storage

@@ -73,15 +73,21 @@ _SETTINGS = ('signing_secret', 'zodb_database', 'done_markers',
 def run(task, args, kwargs):
     """Entry point from ``TransactionAwareTask.__call__``."""
     request = task.request
+    in_process = signing.is_in_process()
     if not request.called_directly:
         settings = task.app.z3c_settings(*_SETTINGS)
         secret = settings[0]
-        if secret and not request.is_eager:
+        if secret and not in_process:
             # First of all: a message refused for its signature runs
-            # nothing.  (In-process runs did not travel through a broker.)
+            # nothing.  In-process runs (inline, eager) did not travel
+            # through a broker; that is known from how the run started,
+            # never from the request (a message's embed can set
+            # ``is_eager``).  The worker's consumer checked the message
+            # already (`z3c.celery.worker.guard`); this is the check
+            # of the run itself.
             signing.verify(secret, task.name, request, args, kwargs)
     principal_id = kwargs.pop('_principal_id_', None)
-    if principal_id is None and request.is_eager:
+    if principal_id is None and in_process:
         # Run in-process by a running task (Task.replace, an errback
         # after a failure): as its principal.
         principal_id = current_principal_id()
@@ -99,8 +105,9 @@ def run(task, args, kwargs):
                           retries=0, delivery_info={}, headers={})
         settings = task.app.z3c_settings(*_SETTINGS)
         return Runner(task, args, kwargs, window.principal_id, request,
-                      settings).run()
-    runner = Runner(task, args, kwargs, principal_id, request, settings)
+                      settings, in_process=True).run()
+    runner = Runner(task, args, kwargs, principal_id, request, settings,
+                    in_process)
     try:
         outcome = runner.run()
     finally:
@@ -150,8 +157,10 @@ class Runner:
     #: The principal the task runs as, once resolved.
     principal = None
 
-    def __init__(self, task, args, kwargs, principal_id, request, settings):
+    def __init__(self, task, args, kwargs, principal_id, request, settings,
+                 in_process=False):
         self.task = task
+        self.in_process = in_process
         self.args = args
         self.kwargs = kwargs
         self.principal_id = principal_id
@@ -173,7 +182,7 @@ class Runner:
         else:
             # See what the sender had committed when it sent this.
             catch_up(db, getattr(self.request, TID_HEADER, None))
-            if self.request.is_eager:
+            if self.in_process:
                 # In-process (inline, eager): a connection for this run.
                 manager = transaction.TransactionManager()
                 connection = db.open(transaction_manager=manager)
@@ -253,7 +262,7 @@ class Runner:
                     # In-process runs (inline, eager) run again here, at
                     # once, where a worker would after the countdown.
                     again = again or (countdown is not None and
-                                      self.request.is_eager)
+                                      self.in_process)
                 if exhausted or countdown is None:
                     exceeded = ConflictRetriesExceeded(
                         self.name, retries, error)
