@@ -156,19 +156,22 @@ class ZopeCelery(celery.Celery):
         queue.queue_message(self, message)
         return result
 
-    def send_task_now(self, name, args=None, kwargs=None, **options):
+    def send_task_now(self, name, args=None, kwargs=None,
+                      _z3c_token=_MISSING, _z3c_secret=_MISSING, **options):
         """Celery's ``send_task``, at once, with our message headers.
 
         Every message leaves through here (dispatch, outbox relay, Celery
         retries): each carries the last transaction id this process knows
         of its database (so that the worker reads at least that state) and,
-        when ``signing_secret`` is set, a signature.
+        when ``signing_secret`` is set, a signature.  (`publish` looks
+        both up once for all the messages it sends.)
         """
-        token = commit_token(self)
+        token = commit_token(self) if _z3c_token is _MISSING else _z3c_token
         if token:
             options['headers'] = dict(options.get('headers') or {},
                                       **{TID_HEADER: token})
-        secret = self.z3c_setting('signing_secret')
+        secret = self.z3c_setting('signing_secret') \
+            if _z3c_secret is _MISSING else _z3c_secret
         if secret:
             # Signed from the message as Celery builds it (times made
             # absolute, follow-ups in its body): see `signing`.

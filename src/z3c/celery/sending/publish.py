@@ -10,9 +10,11 @@ import threading
 
 import celery.signals
 import kombu.exceptions
+import zope.event
 
 from z3c.celery import events
 from z3c.celery.message import RESENT_HEADER
+from z3c.celery.message import commit_token
 
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,10 @@ def publish(app, messages, producer=None, **send_options):
     current = None
     _no_subscription_at_publish(app)
     per_message = _Options(app)
+    # What is the same for every message of the call, looked up once.
+    constant = {'_z3c_token': commit_token(app),
+                '_z3c_secret': app.z3c_setting('signing_secret')}
+    notify_sent = events.listeners()(events.TaskSent)
     placeholder = app.current_worker_task is None
     _publishing.active = True
     try:
@@ -259,11 +265,12 @@ def publish(app, messages, producer=None, **send_options):
                             message.message_kwargs,
                             task_id=message.task_id, producer=producer,
                             result_cls=_result_cls(message, placeholder),
-                            **options)
+                            **constant, **options)
                     current = None
                 sent += len(chunk)
-                for message in chunk:
-                    events.notify(events.TaskSent, message)
+                if notify_sent:
+                    for message in chunk:
+                        zope.event.notify(events.TaskSent(message))
     except Exception as error:
         unsent.error = error
         unsent.culprit = current
