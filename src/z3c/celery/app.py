@@ -7,7 +7,6 @@ worker's runner (`z3c.celery.worker.runner`).  See docs/design.rst.
 """
 import logging
 import os
-import sys
 from collections import defaultdict
 
 import celery
@@ -134,7 +133,7 @@ class ZopeCelery(celery.Celery):
         Elsewhere (``celery call``, Flower, a plain script) it is sent at
         once, as Celery does: `send_task_now`.
         """
-        if not queue.in_zope_context() or _in_celery_call():
+        if not queue.in_zope_context():
             return self.send_task_now(name, args, kwargs, **options)
         for name_ in _NOT_KEPT:
             options.pop(name_, None)
@@ -182,13 +181,6 @@ class ZopeCelery(celery.Celery):
 
 #: ``send_task`` options that belong to the moment of sending.
 _NOT_KEPT = ('producer', 'connection', 'result_cls', 'publisher', 'router')
-
-
-def _in_celery_call():
-    """Whether this is the ``celery call`` command (no transaction)."""
-    click = sys.modules.get('click')
-    context = click.get_current_context(silent=True) if click else None
-    return context is not None and context.info_name == 'call'
 
 
 #: The built-in dispatch modes; ``configure.zcml`` registers the same.

@@ -109,7 +109,6 @@ def lane_key():
     return f'{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}'
 
 
-
 def get_outbox(connection, create=False):
     """The outbox in *connection*'s database (``None`` if there is none)."""
     root = connection.root()

@@ -20,8 +20,8 @@ from zope.security.management import queryInteraction
 
 from z3c.celery import database
 from z3c.celery import events
-from z3c.celery.message import record_task_ids
 from z3c.celery.message import describe
+from z3c.celery.message import record_task_ids
 
 
 log = logging.getLogger(__name__)

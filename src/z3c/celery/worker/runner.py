@@ -11,7 +11,6 @@ docs/worker.rst.
 import logging
 
 import celery.exceptions
-import kombu.exceptions
 import transaction
 import zope.component
 import zope.event
@@ -37,6 +36,7 @@ from z3c.celery.interfaces import IConflictPolicy
 from z3c.celery.interfaces import IPrincipalResolver
 from z3c.celery.message import BROKER_RETRIES_HEADER
 from z3c.celery.message import TID_HEADER
+from z3c.celery.sending.publish import is_broker_error
 from z3c.celery.worker import components
 from z3c.celery.worker import follow_ups
 from z3c.celery.worker import markers
@@ -303,7 +303,7 @@ class Runner:
                 countdown=countdown, exc=error, throw=False,
                 headers=headers)
         except celery.exceptions.Reject as reject:
-            if not _is_connection_error(self.task.app, reject.reason):
+            if not is_broker_error(self.task.app, reject.reason):
                 raise
             log.warning('Could not send the retry of task %s[%s] (%r); '
                         'requeueing its message', self.name,
@@ -414,15 +414,6 @@ class Runner:
 
 def _never(task, error, attempts):
     return False
-
-
-def _is_connection_error(app, error):
-    errors = (OSError, kombu.exceptions.OperationalError)
-    try:
-        errors += tuple(app.connection_for_write().connection_errors)
-    except Exception:
-        pass
-    return isinstance(error, errors)
 
 
 #: Used when the site did not load our configure.zcml (a 1.x setup).
