@@ -72,10 +72,11 @@ import tempfile
 import time
 
 from benchmarks import bench_worker
-from tests import workers
 from z3c.celery.testing import WorkerProcess
 from z3c.celery.testing import servers
 from z3c.celery.testing import write_zope_conf
+
+from tests import workers
 
 
 WRITES = 1000

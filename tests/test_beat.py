@@ -213,6 +213,7 @@ def received(app, timeout=2.0):
 def test_a_tick_is_committed_and_sent_as_the_unauthenticated_principal(
         scheduler):
     import transaction
+
     from z3c.celery.sending import queue
     sched = scheduler('''
       <unauthenticatedPrincipal id="zope.anybody" title="Anybody" />
@@ -240,7 +241,9 @@ def test_an_entry_principal_wins_and_unknown_tasks_carry_it(scheduler):
 def test_a_tick_whose_commit_fails_is_an_error_naming_entry_and_task(
         scheduler):
     import celery.beat
+
     from z3c.celery.sending import queue
+
     # dispatch="outbox" set explicitly and no database: the commit fails
     # (beat's start would have switched to after-commit; lazy=True did not
     # run it).

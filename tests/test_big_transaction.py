@@ -61,6 +61,7 @@ def test_100000_tasks_in_one_transaction_on_filestorage(
 def swap_database(new_db):
     """Make *new_db* the database of the loaded site."""
     from z3c.celery import database
+
     from tests import workers
     workers.prepare_database(new_db)
     database.set_database(new_db)
@@ -82,8 +83,8 @@ def test_100000_tasks_in_one_transaction_on_zeo(
 
 def _relstorage_db(name):
     try:
-        import relstorage.options  # noqa: F401
         import psycopg2  # noqa: F401
+        import relstorage.options  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the machine
         pytest.skip(f'relstorage or psycopg2 is not installed ({e})')
     from relstorage.adapters.postgresql import PostgreSQLAdapter

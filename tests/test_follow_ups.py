@@ -316,6 +316,7 @@ def test_follow_ups_that_cannot_be_sent_are_named_in_an_error(
     """The window's commit fails (a dispatcher that cannot write, say):
     each follow-up is logged with its name and id."""
     from celery.app.task import Context
+
     from z3c.celery.worker import follow_ups
 
     class Broken:

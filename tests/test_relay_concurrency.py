@@ -27,10 +27,10 @@ from z3c.celery.outbox import store
 from z3c.celery.outbox.relay import Relay
 from z3c.celery.testing import servers
 
-from tests import workers
 from .test_big_transaction import relstorage_db  # noqa: F401 (fixture)
 from .test_outbox import config
 from .test_outbox import task
+from tests import workers
 
 
 def published_ids(redis_server, queue='celery'):

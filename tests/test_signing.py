@@ -17,8 +17,8 @@ import z3c.celery
 from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.interfaces import ITask
 from z3c.celery.signing import HEADER
-from z3c.celery.signing import signature
 from z3c.celery.signing import message_signature
+from z3c.celery.signing import signature
 from z3c.celery.signing import verify
 from z3c.celery.signing import verify_message
 

@@ -51,6 +51,18 @@ def task(name):
     return zope.component.getUtility(ITask, name)
 
 
+def prefork_worker(tmp_path, zeo, redis, client, concurrency):
+    """A prefork worker of a site on *redis* and *zeo*; this process sends
+    to it as Alice."""
+    site = workers.write_site(
+        str(tmp_path / 'site'), redis.url + '/0',
+        zeo_address=zeo.address, config=FAST_REDELIVERY)
+    client(site)
+    return workers.Worker(site.zope_conf, broker_url=site.broker_url,
+                          pool='prefork', concurrency=concurrency,
+                          directory=str(tmp_path))
+
+
 def marker_partitions(db, task_id):
     """The names of the done-marker partitions holding *task_id*."""
     retention = z3c.celery.CELERY.z3c_setting('done_marker_retention')
@@ -102,13 +114,7 @@ def test_killed_after_commit_before_ack_is_redelivered_and_applied_once(
 def test_redis_and_zeo_restarted_mid_run_every_task_completes_once(
         tmp_path, zeo, zodb, client):
     with workers.PersistentRedis() as redis:
-        site = workers.write_site(
-            str(tmp_path / 'site'), redis.url + '/0',
-            zeo_address=zeo.address, config=FAST_REDELIVERY)
-        client(site)
-        worker = workers.Worker(site.zope_conf, broker_url=site.broker_url,
-                                pool='prefork', concurrency=2,
-                                directory=str(tmp_path))
+        worker = prefork_worker(tmp_path, zeo, redis, client, 2)
         with worker:
             slow = task('w.slow_increment')
             results = [slow.delay(f'r{i}', 0.1) for i in range(20)]
@@ -129,3 +135,33 @@ def test_redis_and_zeo_restarted_mid_run_every_task_completes_once(
         keys = [f'r{i}' for i in range(30)] + [f'z{i}' for i in range(20)]
         assert {key: data.get(key) for key in keys} == {
             key: 1 for key in keys}
+
+
+def test_task_finishing_after_the_broker_connection_was_lost_keeps_the_worker(
+        tmp_path, zeo, zodb, client):
+    # The task's message came on a channel that the lost connection
+    # closed.  Neither closing that channel nor acknowledging the message
+    # there may end the worker (Celery 5.7 with kombu's Redis transport:
+    # AttributeError, "Unrecoverable error"); the message is delivered
+    # again and skipped by its done-marker.
+    with workers.PersistentRedis() as redis:
+        worker = prefork_worker(tmp_path, zeo, redis, client, 1)
+        with worker:
+            result = task('w.slow_increment').delay('long', 4)
+            transaction.commit()
+            worker.wait_for_log(r'EVENT TaskStarted w\.slow_increment')
+            redis.stop()
+            worker.wait_for_log(r'Connection to broker lost', timeout=30)
+            redis.start()
+            worker.wait_for_log(r'slow_increment\[.*\] succeeded', timeout=30)
+            assert workers.result_of(result, 60) == 1
+            # Its message came back and was skipped, not run again.
+            worker.wait_for_log(
+                rf'slow_increment\[{result.id}\] was already done',
+                timeout=30)
+            assert worker.ping()
+            log = worker.log()
+        assert workers.read_data(zodb)['long'] == 1
+        assert 'Unrecoverable error' not in log, log
+        assert f'w.slow_increment[{result.id}]: it was not acknowledged' \
+            in log

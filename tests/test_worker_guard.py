@@ -15,7 +15,6 @@ import z3c.celery
 from z3c.celery.exceptions import InvalidSignature
 from z3c.celery.signing import HEADER
 
-
 from tests import workers
 # The site, its worker (prefork, signing on) and this process as a web
 # process of it: the same as the worker tests', one of each per module.

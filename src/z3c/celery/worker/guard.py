@@ -169,10 +169,61 @@ class GuardedChannel:
             if payload is not None:
                 return payload
 
+    # A lost broker connection.  Celery 5.7 releases it after it collected
+    # its transport, and kombu's channel close then fails to put the
+    # unacknowledged messages back (AttributeError from a transport without
+    # a client: "Unrecoverable error", the worker exits), as does the ack of
+    # a task that finishes afterwards.  Those messages stay in Redis's
+    # unacked set, which every worker restores after the visibility timeout.
+
+    def close(self):
+        transport = self.connection
+        if not self.closed and transport is not None and \
+                getattr(transport, 'client', True) is None:
+            qos = self.__dict__.get('_qos')
+            if qos is not None:
+                qos.restore_at_shutdown = False
+                _log_unacknowledged(
+                    'the broker connection was lost',
+                    qos._delivered.values())
+        super().close()
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        if self._z3c_lost(delivery_tag, 'acknowledged'):
+            return
+        super().basic_ack(delivery_tag, multiple=multiple)
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        if self._z3c_lost(delivery_tag, 'rejected'):
+            return
+        super().basic_reject(delivery_tag, requeue=requeue)
+
+    def _z3c_lost(self, delivery_tag, what):
+        if self.connection is not None:
+            return False
+        qos = self.__dict__.get('_qos')
+        message = qos._delivered.pop(delivery_tag, None) if qos else None
+        _log_unacknowledged(
+            f'it was not {what}: its broker connection was lost',
+            [message] if message is not None else [], delivery_tag)
+        return True
+
     @staticmethod
     def _z3c_empty():
         from queue import Empty
         return Empty()
+
+
+def _log_unacknowledged(why, messages, delivery_tag=None):
+    for message in messages:
+        headers = getattr(message, 'headers', None) or {}
+        log.warning('Task %s[%s]: %s; the broker delivers its message '
+                    'again after the visibility timeout (its done-marker '
+                    'keeps a committed task from running twice)',
+                    headers.get('task'), headers.get('id'), why)
+    if delivery_tag is not None and not messages:
+        log.warning('Message %s: %s; the broker delivers it again after '
+                    'the visibility timeout', delivery_tag, why)
 
 
 _guarded_classes = {}
