@@ -106,6 +106,11 @@ def test_broker_outage_the_outbox_delivers_every_task_once(
         transaction.commit()
         assert workers.result_of(before, 60) == 1
 
+        # A task still running when the broker goes: its ack cannot be
+        # sent, RabbitMQ requeues its message, the done-marker skips it.
+        inflight = task('w.slow_increment').delay('inflight', 4)
+        transaction.commit()
+        worker.wait_for_log(rf'TaskStarted w\.slow_increment\[{inflight.id}')
         own_rabbitmq.stop()
         results = []
         for i in range(10):
@@ -132,3 +137,5 @@ def test_broker_outage_the_outbox_delivers_every_task_once(
     data = workers.read_data(zodb)
     assert {f'out{i}': data[f'out{i}'] for i in range(10)} == {
         f'out{i}': 1 for i in range(10)}
+    assert data['inflight'] == 1
+    assert workers.result_of(inflight, 30) == 1
