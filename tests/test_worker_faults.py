@@ -5,6 +5,7 @@ import contextlib
 import socket
 import time
 
+import kombu
 import pytest
 import transaction
 import zope.component
@@ -14,6 +15,7 @@ import zope.security.management
 import z3c.celery
 from z3c.celery.interfaces import ITask
 from z3c.celery.testing import servers
+from z3c.celery.worker import guard
 from z3c.celery.worker import markers
 
 from tests import workers
@@ -51,12 +53,13 @@ def task(name):
     return zope.component.getUtility(ITask, name)
 
 
-def prefork_worker(tmp_path, zeo, redis, client, concurrency):
+def prefork_worker(tmp_path, zeo, redis, client, concurrency,
+                   config=FAST_REDELIVERY):
     """A prefork worker of a site on *redis* and *zeo*; this process sends
     to it as Alice."""
     site = workers.write_site(
         str(tmp_path / 'site'), redis.url + '/0',
-        zeo_address=zeo.address, config=FAST_REDELIVERY)
+        zeo_address=zeo.address, config=config)
     client(site)
     return workers.Worker(site.zope_conf, broker_url=site.broker_url,
                           pool='prefork', concurrency=concurrency,
@@ -163,5 +166,59 @@ def test_task_finishing_after_the_broker_connection_was_lost_keeps_the_worker(
             log = worker.log()
         assert workers.read_data(zodb)['long'] == 1
         assert 'Unrecoverable error' not in log, log
-        assert f'w.slow_increment[{result.id}]: it was not acknowledged' \
+        assert f'(task w.slow_increment[{result.id}]) was not acknowledged' \
             in log
+
+
+def test_a_connection_lost_while_redis_stays_up_puts_messages_back_at_once(
+        tmp_path, zeo, zodb, client):
+    # Redis's default visibility timeout (an hour): the message comes back
+    # at once only if closing the lost connection's channel put it back.
+    with servers.RedisServer() as redis:
+        worker = prefork_worker(tmp_path, zeo, redis, client, 1, config='')
+        with worker:
+            result = task('w.slow_increment').delay('blip', 3)
+            transaction.commit()
+            worker.wait_for_log(r'EVENT TaskStarted w\.slow_increment')
+            redis.client().client_kill_filter(_type='normal')
+            worker.wait_for_log(r'Connection to broker lost', timeout=30)
+            worker.wait_for_log(
+                rf'slow_increment\[{result.id}\] was already done',
+                timeout=60)
+            assert workers.result_of(result, 30) == 1
+            assert worker.ping()
+            log = worker.log()
+        assert workers.read_data(zodb)['blip'] == 1
+        assert 'Restoring 1 unacknowledged message(s)' in log
+        assert 'Unrecoverable error' not in log, log
+
+
+def test_a_channel_whose_transport_was_collected_puts_its_messages_back(
+        redis_server, caplog):
+    # What Celery 5.7 does with a lost connection, step by step: kombu's
+    # collect() drops the transport's client, then the connection is
+    # released, which closes its channel.  Redis is reachable here: the
+    # unacknowledged message must go back into its queue at once (kombu
+    # raised AttributeError), and acknowledging it afterwards must not
+    # fail either.
+    url = redis_server.url + '/6'
+    redis_server.client(6).flushdb()
+    connection = kombu.Connection(url)
+    guard.guard_transport(connection)
+    channel = connection.default_channel
+    assert isinstance(channel, guard.GuardedChannel)
+    queue = kombu.Queue('z3c-collected', channel=channel)
+    queue.declare()
+    kombu.Producer(channel).publish(
+        {'x': 1}, routing_key='z3c-collected',
+        headers={'task': 't.x', 'id': 'the-id'})
+    message = queue.get(no_ack=False)
+    assert message.headers['id'] == 'the-id'
+    assert redis_server.client(6).llen('z3c-collected') == 0
+
+    connection._do_close_transport()        # collect()'s last step
+    connection.release()
+    assert redis_server.client(6).llen('z3c-collected') == 1
+    with caplog.at_level('WARNING', logger=guard.__name__):
+        message.ack()
+    assert '(task t.x[the-id]) was not acknowledged' in caplog.text

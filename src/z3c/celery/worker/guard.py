@@ -170,23 +170,39 @@ class GuardedChannel:
                 return payload
 
     # A lost broker connection.  Celery 5.7 releases it after it collected
-    # its transport, and kombu's channel close then fails to put the
-    # unacknowledged messages back (AttributeError from a transport without
-    # a client: "Unrecoverable error", the worker exits), as does the ack of
-    # a task that finishes afterwards.  Those messages stay in Redis's
-    # unacked set, which every worker restores after the visibility timeout.
+    # its transport, which leaves the transport without its client: kombu's
+    # channel close could then not put the unacknowledged messages back
+    # (AttributeError: "Unrecoverable error", the worker exits), nor could
+    # a task that finishes afterwards acknowledge its message.  The close
+    # gets the client back for the time it needs it (`guard_transport`
+    # keeps it), so that the messages go back at once where the broker
+    # can take them, as with earlier Celery versions; the others stay in
+    # Redis's unacked set, which every worker restores after the
+    # visibility timeout.  Both kinds are named in the log.
 
     def close(self):
         transport = self.connection
-        if not self.closed and transport is not None and \
-                getattr(transport, 'client', True) is None:
-            qos = self.__dict__.get('_qos')
-            if qos is not None:
-                qos.restore_at_shutdown = False
-                _log_unacknowledged(
-                    'the broker connection was lost',
-                    qos._delivered.values())
-        super().close()
+        if self.closed or transport is None or \
+                getattr(transport, 'client', True) is not None:
+            return super().close()
+        qos = self.__dict__.get('_qos')
+        # Named again when their tasks finish (the close forgets them).
+        self._z3c_unacked = dict(qos._delivered) if qos is not None else {}
+        waiting = list(self._z3c_unacked.values())
+        client = getattr(transport, '_z3c_client', None)
+        if client is None and qos is not None:
+            qos.restore_at_shutdown = False
+        transport.client = client
+        try:
+            super().close()
+        except Exception:
+            _log_unacknowledged('the broker connection was lost and its '
+                                'message could not be put back', waiting)
+            raise
+        finally:
+            transport.client = None
+        if client is None:
+            _log_unacknowledged('the broker connection was lost', waiting)
 
     def basic_ack(self, delivery_tag, multiple=False):
         if self._z3c_lost(delivery_tag, 'acknowledged'):
@@ -199,13 +215,17 @@ class GuardedChannel:
         super().basic_reject(delivery_tag, requeue=requeue)
 
     def _z3c_lost(self, delivery_tag, what):
-        if self.connection is not None:
+        # kombu cannot acknowledge on a closed channel (AttributeError).
+        if not self.closed and self.connection is not None:
             return False
         qos = self.__dict__.get('_qos')
         message = qos._delivered.pop(delivery_tag, None) if qos else None
-        _log_unacknowledged(
-            f'it was not {what}: its broker connection was lost',
-            [message] if message is not None else [], delivery_tag)
+        message = self.__dict__.get('_z3c_unacked', {}).pop(
+            delivery_tag, message)
+        log.warning('Message %s (%s) was not %s: the broker connection it '
+                    'came on was lost; the broker delivers it again (its '
+                    'done-marker keeps a committed task from running twice)',
+                    delivery_tag, _task_of(message), what)
         return True
 
     @staticmethod
@@ -214,16 +234,16 @@ class GuardedChannel:
         return Empty()
 
 
-def _log_unacknowledged(why, messages, delivery_tag=None):
+def _task_of(message):
+    headers = getattr(message, 'headers', None) or {}
+    return f'task {headers.get("task")}[{headers.get("id")}]'
+
+
+def _log_unacknowledged(why, messages):
     for message in messages:
-        headers = getattr(message, 'headers', None) or {}
-        log.warning('Task %s[%s]: %s; the broker delivers its message '
-                    'again after the visibility timeout (its done-marker '
-                    'keeps a committed task from running twice)',
-                    headers.get('task'), headers.get('id'), why)
-    if delivery_tag is not None and not messages:
-        log.warning('Message %s: %s; the broker delivers it again after '
-                    'the visibility timeout', delivery_tag, why)
+        log.warning('%s: %s; the broker delivers it again after the '
+                    'visibility timeout (its done-marker keeps a committed '
+                    'task from running twice)', _task_of(message), why)
 
 
 _guarded_classes = {}
@@ -251,6 +271,9 @@ def guard_transport(connection):
             not hasattr(cls, 'conn_or_acquire'):
         return False
     transport.Channel = guarded_channel_class(cls)
+    # kombu drops the transport's client when the connection is collected
+    # after a loss; the close of its channels still needs it.
+    transport._z3c_client = connection
     for channel in list(getattr(transport, 'channels', ()) or ()):
         if not isinstance(channel, GuardedChannel) and \
                 hasattr(channel, '_brpop_read'):
